@@ -1,0 +1,40 @@
+"""`lkm-unet`: one command, one sub-command per task. Each sub-command module registers itself."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+# Modules exposing ``register(subparsers)``; each sets ``func`` on its parsers. Imported lazily so that
+# `lkm-unet trainer-path` does not pay for nnU-Net's imports.
+COMMAND_MODULES = (
+    "nnunetv2_plugin.commands_setup",
+    "nnunetv2_plugin.commands_plans",
+    "nnunetv2_plugin.commands_data",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lkm-unet", description="LKM-UNet for nnU-Net v2")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue  # a command group not shipped in this build
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
