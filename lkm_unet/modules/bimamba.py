@@ -1,0 +1,36 @@
+"""Bidirectional Mamba: the token mixer inside PiM and PaM (paper, Sec. 2.2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lkm_unet.modules.mamba import Mamba
+from lkm_unet.modules.precision import run_in_fp32
+
+
+class BiMamba(nn.Module):
+    """LayerNorm, then one Mamba mixer on the sequence and one on the flipped sequence, each without
+    its own out_proj; their outputs are summed (the backward one flipped back) and passed through ONE
+    shared out_proj. The caller adds the residual.
+
+    Input and output: ``(batch, length, dim)``. Runs in fp32 under autocast and returns the autocast
+    dtype. ``mask`` (batch, length), True for real tokens, keeps padded tokens out of the scan.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.forward_mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, out_proj=False)
+        self.backward_mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, out_proj=False)
+        self.out_proj = nn.Linear(self.forward_mixer.d_inner, dim, bias=False)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return run_in_fp32(lambda t: self._mix(t, mask), x)
+
+    def _mix(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        x = self.norm(x)
+        flipped_mask = None if mask is None else mask.flip(1)
+        y = self.forward_mixer.mix(x, mask) + self.backward_mixer.mix(x.flip(1), flipped_mask).flip(1)
+        return self.out_proj(y)

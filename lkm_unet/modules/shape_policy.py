@@ -1,0 +1,65 @@
+"""What happens when a window or pool size does not divide a feature map (SPEC 4).
+
+``pad``: pad each axis at its end to a multiple of the size and crop back afterwards; padded tokens are
+masked out of the scan. ``error``: raise a ValueError that names the place, the axis, the size, the
+window and the nearest sizes that would work. Never a silent change of semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+SHAPE_POLICIES = ("pad", "error")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in SHAPE_POLICIES:
+        raise ValueError(f"shape_policy={policy!r} is not valid; valid: {', '.join(map(repr, SHAPE_POLICIES))}")
+    return policy
+
+
+def per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """Broadcast an int to ``ndim`` axes; check a sequence has ``ndim`` positive ints."""
+    sizes = (value,) * ndim if isinstance(value, int) else tuple(value)
+    if len(sizes) != ndim:
+        raise ValueError(f"{name}={list(sizes)} has {len(sizes)} entries; this is a {ndim}D network, "
+                         f"so give one int or {ndim} ints")
+    for axis, size in enumerate(sizes):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name}={list(sizes)}: axis {axis} has {size!r}; sizes must be positive ints")
+    return sizes
+
+
+def nearest_multiples(size: int, multiple: int) -> tuple[int, ...]:
+    """The multiples of ``multiple`` just below and above ``size`` (one value if below is 0)."""
+    below = (size // multiple) * multiple
+    above = below + multiple
+    return (above,) if below == 0 else (below, above)
+
+
+def padding_for(
+    spatial: Sequence[int],
+    sizes: Sequence[int],
+    policy: str,
+    where: str,
+    what: str,
+    input_stride: Optional[Sequence[int]] = None,
+) -> tuple[int, ...]:
+    """Per-axis amount to pad ``spatial`` at the end so that ``sizes`` divide it.
+
+    Under policy ``error`` a non-dividing axis raises a ValueError naming ``where`` (e.g. 'stage 2 PiM'),
+    ``what`` ('window', 'pool'), the axis, the size and the nearest valid feature-map sizes; with
+    ``input_stride`` (the stage's total downsampling per axis) also the nearest valid patch sizes.
+    """
+    pads = tuple((-s) % k for s, k in zip(spatial, sizes))
+    if policy == "error":
+        for axis, (s, k, pad) in enumerate(zip(spatial, sizes, pads)):
+            if pad:
+                valid = nearest_multiples(s, k)
+                message = (f"{where}: {what} {k} does not divide axis {axis} of the feature map "
+                           f"{tuple(spatial)} (size {s}); valid sizes on that axis are multiples of {k}, "
+                           f"nearest {' or '.join(map(str, valid))}")
+                if input_stride is not None:
+                    patches = nearest_multiples(s * input_stride[axis], k * input_stride[axis])
+                    message += f" (patch size {' or '.join(map(str, patches))} on axis {axis})"
+                raise ValueError(message + "; or use shape_policy='pad'")
+    return pads

@@ -1,0 +1,70 @@
+"""Shared machinery of PiM and PaM: per-axis sizes, the shape policy, fp32 BiMamba, residual add."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lkm_unet.modules.bimamba import BiMamba
+from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
+
+
+class SpatialSSM(nn.Module):
+    """Base of :class:`PixelSSM` and :class:`PatchSSM`: ``(B, C, *spatial) -> (B, C, *spatial)``.
+
+    ``size`` is one int for every axis or a per-axis tuple. ``where`` names the block in error
+    messages (the network sets 'stage 2 PiM'); ``input_stride`` is its total downsampling per axis,
+    so errors can quote valid patch sizes.
+    """
+
+    size_name = "size"
+
+    def __init__(self, dim: int, size: int | Sequence[int], shape_policy: str = "pad", d_state: int = 16,
+                 d_conv: int = 4, expand: int = 2, spatial_dims: Optional[int] = None,
+                 where: Optional[str] = None, input_stride: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        if spatial_dims is None and not isinstance(size, int):
+            spatial_dims = len(size)
+        self._size = size
+        self.spatial_dims = spatial_dims
+        if spatial_dims is not None:
+            per_axis(size, spatial_dims, self.size_name)
+        elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{self.size_name}={size!r}; give a positive int or a per-axis tuple of them")
+        self.shape_policy = check_policy(shape_policy)
+        self.where = where or type(self).__name__
+        self.input_stride = None if input_stride is None else tuple(input_stride)
+        self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def _sizes(self, ndim: int) -> tuple[int, ...]:
+        if self.spatial_dims is None:
+            self.spatial_dims = ndim  # an int size follows the first input it sees
+        if ndim != self.spatial_dims:
+            raise ValueError(f"{self.where}: built for {self.spatial_dims}D maps ({self.size_name}="
+                             f"{self._sizes(self.spatial_dims)}), got a {ndim}D map")
+        return per_axis(self._size, ndim, self.size_name)
+
+    def per_axis_size(self) -> tuple[int, ...]:
+        return per_axis(self._size, self.spatial_dims or 2, self.size_name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sizes = self._sizes(x.ndim - 2)
+        spatial = x.shape[2:]
+        pads = padding_for(spatial, sizes, self.shape_policy, self.where, self.size_name.replace("_", " "),
+                           self.input_stride)
+        mask = None
+        padded = x
+        if any(pads):
+            # F.pad lists the last axis first; pad every axis at its end.
+            flat = [amount for pad in reversed(pads) for amount in (0, pad)]
+            padded = F.pad(x, flat)
+            mask = F.pad(torch.ones((1, 1, *spatial), dtype=torch.bool, device=x.device), flat)
+        out = self.mix(padded, sizes, mask)
+        crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+        return x + out[crop]
+
+    def mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
+        """The block's contribution on a map whose axes ``sizes`` divide; ``mask`` marks real pixels."""
+        raise NotImplementedError

@@ -1,0 +1,168 @@
+"""LKM-UNet (Wang et al., MICCAI 2024): a residual U-Net whose encoder stages end in PiM + PaM."""
+from __future__ import annotations
+
+import math
+import pydoc
+from typing import Any, Optional, Sequence, Type, Union
+
+import numpy as np
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+from torch import Tensor, nn
+
+from lkm_unet.modules.partition import GROUPINGS
+from lkm_unet.modules.patch_ssm import PatchSSM
+from lkm_unet.modules.pixel_ssm import PixelSSM
+from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
+from lkm_unet.nets.lkm_encoder import LKMDecoder, LKMEncoder, LKMStage
+from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
+
+ClassOrName = Union[Type[nn.Module], str, None]
+
+
+def _resolve(value: ClassOrName, name: str) -> Optional[Type[nn.Module]]:
+    """Classes may come as dotted names, as they are stored in nnU-Net plans."""
+    if value is None or not isinstance(value, str):
+        return value
+    resolved = pydoc.locate(value)
+    if resolved is None:
+        raise ValueError(f"{name}={value!r} does not name an importable class")
+    return resolved
+
+
+def _per_stage(value: Any, n_stages: int, name: str) -> list:
+    values = [value] * n_stages if isinstance(value, int) else list(value)
+    if len(values) != n_stages:
+        raise ValueError(f"{name} has {len(values)} entries but n_stages={n_stages}: {name}={values}")
+    return values
+
+
+class LKMUNet(nn.Module):
+    """LKM-UNet for 2D or 3D; the dimension follows from ``conv_op``.
+
+    Constructor kwargs are those of dynamic-network-architectures' ``ResidualEncoderUNet`` plus:
+
+    - ``pim_kernel_sizes``: per stage, the PiM window (``window``) or stride (``strided``) per axis.
+    - ``pam_pool_sizes``: per stage, the PaM average-pool size per axis.
+    - ``pim_grouping``: ``"window"`` (the paper) or ``"strided"`` (the released code), SPEC 4.
+    - ``shape_policy``: ``"pad"`` or ``"error"`` when a size does not divide a feature map.
+    - ``d_state``, ``d_conv``, ``expand``: the Mamba mixers' sizes.
+
+    All kwargs are JSON-safe (classes may be dotted names), so the same dict lives in nnU-Net plans.
+    Input ``(B, input_channels, *patch)``; output ``(B, num_classes, *patch)``, or with deep supervision
+    a list of such maps, full resolution first, then one per ``cumprod(strides)[:-1]`` scale.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        n_stages: int,
+        features_per_stage: Union[int, Sequence[int]],
+        conv_op: ClassOrName,
+        kernel_sizes: Union[int, Sequence],
+        strides: Union[int, Sequence],
+        n_blocks_per_stage: Union[int, Sequence[int]],
+        num_classes: int,
+        n_conv_per_stage_decoder: Union[int, Sequence[int]],
+        conv_bias: bool = False,
+        norm_op: ClassOrName = None,
+        norm_op_kwargs: Optional[dict] = None,
+        dropout_op: ClassOrName = None,
+        dropout_op_kwargs: Optional[dict] = None,
+        nonlin: ClassOrName = None,
+        nonlin_kwargs: Optional[dict] = None,
+        deep_supervision: bool = False,
+        pim_kernel_sizes: Sequence = (),
+        pam_pool_sizes: Sequence = (),
+        pim_grouping: str = "window",
+        shape_policy: str = "pad",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        stem_channels: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        conv_op = _resolve(conv_op, "conv_op")
+        ndim = convert_conv_op_to_dim(conv_op)
+        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
+        strides = [per_axis(s, ndim, f"strides[{i}]")
+                   for i, s in enumerate(_per_stage(strides, n_stages, "strides"))]
+        kernels = self._stage_sizes(pim_kernel_sizes, n_stages, ndim, "pim_kernel_sizes")
+        pools = self._stage_sizes(pam_pool_sizes, n_stages, ndim, "pam_pool_sizes")
+        if pim_grouping not in GROUPINGS:
+            raise ValueError(f"pim_grouping={pim_grouping!r} is not valid; valid: {', '.join(map(repr, GROUPINGS))}")
+        check_policy(shape_policy)
+        self.pim_kernel_sizes, self.pam_pool_sizes = kernels, pools
+        self.pim_grouping, self.shape_policy = pim_grouping, shape_policy
+
+        ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy}
+        lkm_stages = []
+        total_stride = (1,) * ndim
+        for s in range(n_stages):
+            total_stride = tuple(t * k for t, k in zip(total_stride, strides[s]))
+            place = {"spatial_dims": ndim, "input_stride": total_stride}
+            lkm_stages.append(LKMStage(
+                PixelSSM(features[s], kernels[s], grouping=pim_grouping, where=f"stage {s} PiM", **place, **ssm),
+                PatchSSM(features[s], pools[s], where=f"stage {s} PaM", **place, **ssm),
+            ))
+        self.encoder = LKMEncoder(
+            lkm_stages, input_channels=input_channels, n_stages=n_stages, features_per_stage=features,
+            conv_op=conv_op, kernel_sizes=kernel_sizes, strides=strides, n_blocks_per_stage=n_blocks_per_stage,
+            conv_bias=conv_bias, norm_op=_resolve(norm_op, "norm_op"), norm_op_kwargs=norm_op_kwargs,
+            dropout_op=_resolve(dropout_op, "dropout_op"), dropout_op_kwargs=dropout_op_kwargs,
+            nonlin=_resolve(nonlin, "nonlin"), nonlin_kwargs=nonlin_kwargs, stem_channels=stem_channels,
+        )
+        self.decoder = LKMDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
+
+    @staticmethod
+    def _stage_sizes(value: Sequence, n_stages: int, ndim: int, name: str) -> list[tuple[int, ...]]:
+        stages = list(value)
+        if len(stages) != n_stages:
+            raise ValueError(f"{name} has {len(stages)} entries but n_stages={n_stages}: {name}={stages}")
+        return [per_axis(v, ndim, f"{name}[{s}] (stage {s})") for s, v in enumerate(stages)]
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        return self.decoder(self.encoder(x))
+
+    def validate_input_size(self, patch_size: Sequence[int]) -> list[dict[str, Any]]:
+        """Check every stage's window and pool against the feature maps of ``patch_size``.
+
+        Returns one row per stage (feature size, window, pool, padding each needs). Under
+        ``shape_policy="error"`` a size that does not divide raises the ValueError PiM/PaM would raise.
+        """
+        rows = []
+        for s, (size, lkm) in enumerate(zip(stage_feature_sizes(patch_size, self.encoder.strides),
+                                            self.encoder.lkm_stages)):
+            pads = []
+            for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
+                pads.append(padding_for(size, sizes, self.shape_policy, block.where,
+                                        block.size_name.replace("_", " "), block.input_stride))
+            rows.append({"stage": s, "feature_size": size, "pim_kernel_size": list(lkm.pim.kernel_size),
+                         "pam_pool_size": list(lkm.pam.pool_size), "pim_padding": list(pads[0]),
+                         "pam_padding": list(pads[1])})
+        return rows
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Activation count nnU-Net's planners use to size batches (conv maps plus PiM/PaM)."""
+        if len(input_size) != convert_conv_op_to_dim(self.encoder.conv_op):
+            raise ValueError(f"input_size={list(input_size)}: give the spatial size only, without batch/channels")
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net's initialisation for the conv parts; the Mamba mixers keep mamba-ssm's own."""
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)
+
+    @classmethod
+    def from_preset(cls, preset: str, config: str, **overrides: Any) -> "LKMUNet":
+        """Build a stored variant: ``preset`` in ('paper', 'official'), ``config`` in
+        ('abdomen_ct_3d', 'abdomen_mr_2d'). ``overrides`` (input_channels and num_classes are required
+        unless given here) replace any constructor kwarg."""
+        kwargs = {**load_config(config)["architecture"], **preset_kwargs(preset, config)}
+        kwargs.update(overrides)
+        missing = [k for k in ("input_channels", "num_classes") if k not in kwargs]
+        if missing:
+            raise TypeError(f"from_preset needs {', '.join(missing)} (e.g. input_channels=1, num_classes=14)")
+        return cls(**kwargs)
