@@ -54,12 +54,19 @@ def padding_for(
     if policy == "error":
         for axis, (s, k, pad) in enumerate(zip(spatial, sizes, pads)):
             if pad:
-                valid = nearest_multiples(s, k)
                 message = (f"{where}: {what} {k} does not divide axis {axis} of the feature map "
-                           f"{tuple(spatial)} (size {s}); valid sizes on that axis are multiples of {k}, "
-                           f"nearest {' or '.join(map(str, valid))}")
+                           f"{tuple(spatial)} (size {s}); {what}s that divide it: "
+                           f"{' or '.join(map(str, nearest_divisors(s, k)))}")
                 if input_stride is not None:
                     patches = nearest_multiples(s * input_stride[axis], k * input_stride[axis])
-                    message += f" (patch size {' or '.join(map(str, patches))} on axis {axis})"
-                raise ValueError(message + "; or use shape_policy='pad'")
+                    message += f"; or a patch size of {' or '.join(map(str, patches))} on axis {axis}"
+                raise ValueError(message + "; or shape_policy='pad'")
     return pads
+
+
+def nearest_divisors(size: int, target: int) -> tuple[int, ...]:
+    """The divisors of ``size`` just below and just above ``target``."""
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    below = [d for d in divisors if d < target]
+    above = [d for d in divisors if d > target]
+    return tuple(x for x in (below[-1] if below else None, above[0] if above else None) if x is not None)

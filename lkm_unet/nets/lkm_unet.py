@@ -102,8 +102,8 @@ class LKMUNet(nn.Module):
             total_stride = tuple(t * k for t, k in zip(total_stride, strides[s]))
             place = {"spatial_dims": ndim, "input_stride": total_stride}
             lkm_stages.append(LKMStage(
-                PixelSSM(features[s], kernels[s], grouping=pim_grouping, where=f"stage {s} PiM", **place, **ssm),
-                PatchSSM(features[s], pools[s], where=f"stage {s} PaM", **place, **ssm),
+                PixelSSM(features[s], kernels[s], grouping=pim_grouping, where=f"stage {s} PiM (pim_kernel_sizes[{s}])", **place, **ssm),
+                PatchSSM(features[s], pools[s], where=f"stage {s} PaM (pam_pool_sizes[{s}])", **place, **ssm),
             ))
         self.encoder = LKMEncoder(
             lkm_stages, input_channels=input_channels, n_stages=n_stages, features_per_stage=features,

@@ -100,9 +100,8 @@ def test_error_policy_names_place_axis_size_window_and_valid_sizes():
     with pytest.raises(ValueError) as error:
         pim(torch.randn(1, 4, 8, 12))
     assert str(error.value) == (
-        "stage 1 PiM: kernel size 5 does not divide axis 1 of the feature map (8, 12) (size 12); valid sizes "
-        "on that axis are multiples of 5, nearest 10 or 15 (patch size 20 or 30 on axis 1); "
-        "or use shape_policy='pad'")
+        "stage 1 PiM: kernel size 5 does not divide axis 1 of the feature map (8, 12) (size 12); kernel sizes "
+        "that divide it: 4 or 6; or a patch size of 20 or 30 on axis 1; or shape_policy='pad'")
     with pytest.raises(ValueError, match=r"PatchSSM: pool size 3 does not divide axis 0"):
         PatchSSM(4, 3, shape_policy="error")(torch.randn(1, 4, 8, 9))
 

@@ -145,9 +145,9 @@ def test_error_policy_rejects_a_patch_that_does_not_divide():
     with pytest.raises(ValueError) as error:
         net.validate_input_size([8, 12])
     assert str(error.value) == (
-        "stage 2 PiM: kernel size 2 does not divide axis 1 of the feature map (2, 3) (size 3); valid sizes on "
-        "that axis are multiples of 2, nearest 2 or 4 (patch size 8 or 16 on axis 1); or use shape_policy='pad'")
-    with pytest.raises(ValueError, match=r"^stage 2 PiM: kernel size 2 does not divide axis 1"):
+        "stage 2 PiM (pim_kernel_sizes[2]): kernel size 2 does not divide axis 1 of the feature map (2, 3) "
+        "(size 3); kernel sizes that divide it: 1 or 3; or a patch size of 8 or 16 on axis 1; or shape_policy='pad'")
+    with pytest.raises(ValueError, match=r"^stage 2 PiM \(pim_kernel_sizes\[2\]\): kernel size 2 does not divide axis 1"):
         net(torch.randn(1, 2, 8, 12))
 
 
