@@ -6,6 +6,7 @@ import pydoc
 from typing import Any, Optional, Sequence, Type, Union
 
 import numpy as np
+import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import Tensor, nn
@@ -113,6 +114,8 @@ class LKMUNet(nn.Module):
             nonlin=_resolve(nonlin, "nonlin"), nonlin_kwargs=nonlin_kwargs, stem_channels=stem_channels,
         )
         self.decoder = LKMDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
+        # False runs the whole network in fp32 even inside an autocast region (the "no AMP" trainers).
+        self.allow_autocast = True
 
     @staticmethod
     def _stage_sizes(value: Sequence, n_stages: int, ndim: int, name: str) -> list[tuple[int, ...]]:
@@ -122,6 +125,9 @@ class LKMUNet(nn.Module):
         return [per_axis(v, ndim, f"{name}[{s}] (stage {s})") for s, v in enumerate(stages)]
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if not self.allow_autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.decoder(self.encoder(x.float()))
         return self.decoder(self.encoder(x))
 
     def validate_input_size(self, patch_size: Sequence[int]) -> list[dict[str, Any]]:

@@ -1,0 +1,124 @@
+"""LKM-UNet trainers for the stock ``nnUNetv2_train`` / ``nnUNetv2_predict`` (SPEC 6).
+
+``LKMUNetTrainer`` builds LKM-UNet from the configuration's ``arch_kwargs`` when the plans name
+LKM-UNet (an ``lkm-unet plans`` file, possibly hand-edited), and otherwise derives the LKM sizes
+from the planned patch and strides. The plans are validated when the trainer is created, before
+any data is loaded. Variants are one-flag subclasses in nnU-Net's naming style.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from lkm_unet import LKMUNet
+from lkm_unet.ops.selective_scan import available_backends, resolve_backend
+from nnunetv2_plugin.plans import resolve_architecture, stage_table
+
+logger = logging.getLogger("lkm_unet")
+
+
+class LKMUNetTrainer(nnUNetTrainer):
+    """nnU-Net's default training schedule with LKM-UNet as the network.
+
+    Variants set one class attribute each; users subclass the same way.
+    """
+
+    #: preset used when the plans do not already describe LKM-UNet
+    lkm_preset = "auto"
+    #: False keeps the whole network in fp32 under nnU-Net's autocast (LKMUNetTrainerNoAMP)
+    lkm_allow_autocast = True
+    #: epochs to train; None keeps nnU-Net's default (1000)
+    lkm_num_epochs: Optional[int] = None
+    #: False trains on the full-resolution output only
+    lkm_deep_supervision = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.lkm_num_epochs is not None:
+            self.num_epochs = self.lkm_num_epochs
+        self.enable_deep_supervision = self.lkm_deep_supervision
+        if not self.lkm_allow_autocast:
+            self.grad_scaler = None
+        # Fail on bad plans now, before nnU-Net unpacks or loads any data.
+        where = f"plans {self.plans_manager.plans_name!r}, configuration {self.configuration_name!r}"
+        architecture, origin, rows = resolve_architecture(self.configuration_manager, where, self.lkm_preset)
+        kwargs = architecture["arch_kwargs"]
+        backend = resolve_backend("auto", self.device)
+        self.print_to_log_file(
+            f"LKM-UNet architecture {origin}; shape_policy {kwargs.get('shape_policy', 'pad')}\n"
+            f"{stage_table(rows, kwargs.get('pim_grouping', 'window'))}\n"
+            f"selective scan backend on {self.device.type}: {backend}"
+            + ("" if backend == "cuda" else f" (cuda: {available_backends()['cuda']})"))
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """Used by training and by ``nnUNetv2_predict`` (with ``enable_deep_supervision=False``)."""
+        architecture, _, _ = resolve_architecture(configuration_manager, f"plans {plans_manager.plans_name!r}",
+                                                  cls.lkm_preset)
+        network = LKMUNet(input_channels=num_input_channels, num_classes=num_output_channels,
+                          deep_supervision=enable_deep_supervision, **architecture["arch_kwargs"])
+        network.apply(network.initialize)
+        network.allow_autocast = cls.lkm_allow_autocast
+        return network
+
+    def _do_i_compile(self) -> bool:
+        """Off unless ``nnUNet_compile`` asks for it: the scan is a custom autograd op whose chunk loop
+        (torch backend) or extension call (cuda backend) gains nothing from compilation."""
+        if "nnUNet_compile" in os.environ:
+            return super()._do_i_compile()
+        if self.device.type == "cuda":
+            self.print_to_log_file("torch.compile is off for LKM-UNet (set nnUNet_compile=true to try it)")
+        return False
+
+
+class nnUNetTrainerLKMUNet(LKMUNetTrainer):
+    """The name the paper's README uses."""
+
+
+class LKMUNetTrainerNoDeepSupervision(LKMUNetTrainer):
+    lkm_deep_supervision = False
+
+
+class LKMUNetTrainerNoAMP(LKMUNetTrainer):
+    """Everything in fp32 (the SSM parts are fp32 in every trainer)."""
+    lkm_allow_autocast = False
+
+
+class LKMUNetTrainer_1epoch(LKMUNetTrainer):
+    lkm_num_epochs = 1
+
+
+class LKMUNetTrainer_5epochs(LKMUNetTrainer):
+    lkm_num_epochs = 5
+
+
+class LKMUNetTrainer_10epochs(LKMUNetTrainer):
+    lkm_num_epochs = 10
+
+
+class LKMUNetTrainer_50epochs(LKMUNetTrainer):
+    lkm_num_epochs = 50
+
+
+class LKMUNetTrainer_100epochs(LKMUNetTrainer):
+    lkm_num_epochs = 100
+
+
+class LKMUNetTrainer_250epochs(LKMUNetTrainer):
+    lkm_num_epochs = 250
+
+
+TRAINERS = (
+    "LKMUNetTrainer", "nnUNetTrainerLKMUNet", "LKMUNetTrainerNoDeepSupervision", "LKMUNetTrainerNoAMP",
+    "LKMUNetTrainer_1epoch", "LKMUNetTrainer_5epochs", "LKMUNetTrainer_10epochs", "LKMUNetTrainer_50epochs",
+    "LKMUNetTrainer_100epochs", "LKMUNetTrainer_250epochs",
+)
