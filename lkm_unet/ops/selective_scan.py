@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import warnings
@@ -58,11 +59,19 @@ def scan_backend(name: str) -> Iterator[None]:
         _context_backend = previous
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` could be imported, without importing it (slow, and odd without a GPU)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[module] = None
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_scan() -> tuple[Optional[Callable[..., Tensor]], str]:
     """mamba-ssm's ``selective_scan_fn`` and 'ok', or None and why it is unusable."""
     if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
+        return None, "torch sees no CUDA device" + ("" if _installed("mamba_ssm") else " and mamba-ssm is not installed")
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ModuleNotFoundError as error:
