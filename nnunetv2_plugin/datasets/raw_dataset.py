@@ -10,9 +10,10 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -71,6 +72,17 @@ def prepare_dataset_folder(folder: Path, force: bool, source: Optional[Path] = N
     folder.mkdir(parents=True)
 
 
+@contextmanager
+def new_dataset_folder(folder: Path, force: bool, source: Optional[Path] = None) -> Iterator[Path]:
+    """:func:`prepare_dataset_folder`, and delete the half-written folder if the body raises."""
+    prepare_dataset_folder(folder, force, source)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def split_cases(
     case_ids: Sequence[str],
     test_cases: Optional[int] = None,
@@ -99,11 +111,15 @@ def split_cases(
 
 
 def pair_images_with_labels(
-    images: Dict[str, Path], labels_dir: Path, label_name: Callable[[str], str]
+    images: Dict[str, Path],
+    labels_dir: Path,
+    label_name: Callable[[str], str],
+    label_wanted: Callable[[Path], bool] = lambda label: True,
 ) -> List[RawCase]:
     """Match each image (keyed by case id) with ``labels_dir / label_name(case_id)``, both ways.
 
-    Raises DatasetError naming an image without its label, or a label without its image.
+    Raises DatasetError naming an image without its label, or a label file accepted by
+    ``label_wanted(path)`` without its image.
     """
     cases = []
     for case_id in sorted(images):
@@ -113,7 +129,7 @@ def pair_images_with_labels(
         cases.append(RawCase(case_id, images[case_id], label))
     expected = {label_name(case_id) for case_id in images}
     for label in sorted(labels_dir.glob("*" + NIFTI_ENDING)):
-        if label.name not in expected:
+        if label_wanted(label) and label.name not in expected:
             raise DatasetError(f"label {label} has no matching image")
     return cases
 
