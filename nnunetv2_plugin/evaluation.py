@@ -120,7 +120,7 @@ def evaluate_case(
             reference == organ.label,
             spacing_zyx,
             organ.tolerance_mm,
-            organ.reference_slices_only,
+            organ.reference_slices_only and reference.ndim == 3,  # axial slices need a volume
         )
         rows.append({"case": case, "organ": organ.name, "DSC": dsc, "NSD": nsd})
     return rows

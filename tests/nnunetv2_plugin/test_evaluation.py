@@ -91,6 +91,16 @@ def test_slice_rule_for_aorta_but_not_for_liver(tmp_path: Path) -> None:
     assert (rows["spleen"]["DSC"], rows["spleen"]["NSD"]) == (1.0, 1.0)  # absent from both
 
 
+def test_slice_rule_needs_a_volume(tmp_path: Path) -> None:
+    reference, prediction = np.zeros((8, 8), dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8)
+    reference[2:5, 2:6] = 5  # aorta, 3 rows
+    prediction[0:7, 2:6] = 5  # 7 rows: in 2D there are no axial slices to restrict to
+    _write_labels(reference, tmp_path / "ref.nii.gz", spacing_xyz=(0.8, 0.8))
+    _write_labels(prediction, tmp_path / "pred.nii.gz", spacing_xyz=(0.8, 0.8))
+    rows = {r["organ"]: r for r in evaluate_case(tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz", flare_organs())}
+    assert rows["aorta"]["DSC"] == pytest.approx(2 * 12 / (12 + 28))
+
+
 @pytest.mark.parametrize("slice_rule", [False, True])
 def test_empty_conventions(slice_rule: bool) -> None:
     empty, blob = np.zeros((6, 8, 8), dtype=bool), np.zeros((6, 8, 8), dtype=bool)
