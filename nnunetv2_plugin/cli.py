@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("lkm_unet").addHandler(handler)
+    logging.getLogger("lkm_unet").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -51,11 +51,12 @@ class LKMUNetTrainer(nnUNetTrainer):
         architecture, origin, rows = resolve_architecture(self.configuration_manager, where, self.lkm_preset)
         kwargs = architecture["arch_kwargs"]
         backend = resolve_backend("auto", self.device)
+        fell_back = self.device.type == "cuda" and backend != "cuda"
         self.print_to_log_file(
             f"LKM-UNet architecture {origin}; shape_policy {kwargs.get('shape_policy', 'pad')}\n"
             f"{stage_table(rows, kwargs.get('pim_grouping', 'window'))}\n"
             f"selective scan backend on {self.device.type}: {backend}"
-            + ("" if backend == "cuda" else f" (cuda: {available_backends()['cuda']})"))
+            + (f" (cuda: {available_backends()['cuda']})" if fell_back else ""))
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
