@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from nnunetv2_plugin.environment import trainer_path
 
@@ -84,3 +85,24 @@ def run(command: list[str], env: dict[str, str], check: bool = True, **extra_env
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
+
+
+_TAG_AS_CUDA = False
+
+
+def _cuda_tagger(storage):
+    return "cuda:0" if _TAG_AS_CUDA else None
+
+
+torch.serialization.register_package(1, _cuda_tagger, lambda storage, location: None)
+
+
+def resave_as_if_written_on_cuda(path: Path) -> None:
+    """Rewrite a checkpoint so every tensor is recorded as living on cuda:0, as a GPU run saves it."""
+    global _TAG_AS_CUDA
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    _TAG_AS_CUDA = True
+    try:
+        torch.save(checkpoint, path)
+    finally:
+        _TAG_AS_CUDA = False

@@ -2,8 +2,11 @@
 import json
 
 import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_fixtures import DATASET, DATASET_ID, run
+from nnunet_fixtures import DATASET, DATASET_ID, resave_as_if_written_on_cuda, run
+from nnunetv2_plugin.lkm_unet_trainer import LKMUNetTrainer
 
 
 def _train(planned, configuration, plans, trainer="LKMUNetTrainer_CI"):
@@ -41,6 +44,18 @@ def test_lkm_plans_train_predict_evaluate_3d(planned):
     assert "selective scan backend on cpu: torch" in log
     validation = json.loads((folder / "validation" / "summary.json").read_text())
     assert 0.0 <= validation["foreground_mean"]["Dice"] <= 1.0
+
+    # trained with deep supervision; loads strictly into the network nnUNetv2_predict builds
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    manager = PlansManager(str(plans_file))
+    inference = LKMUNetTrainer.build_network_architecture(manager, manager.get_configuration("3d_fullres"), 1, 2,
+                                                          enable_deep_supervision=False)
+    inference.load_state_dict(checkpoint["network_weights"], strict=True)
+
+    # a checkpoint written on a GPU predicts on this CPU-only machine
+    resave_as_if_written_on_cuda(folder / "checkpoint_final.pth")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(folder / "checkpoint_final.pth", weights_only=False)
     _predict_and_evaluate(planned, "3d_fullres", "nnUNetLKMUNetPlans", "3d")
 
 
