@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lkm_unet.ops.selective_scan_chunks import ChunkScan, batch_blocks, chunk_length
 
@@ -169,6 +170,7 @@ class _SelectiveScan(torch.autograd.Function):
         return _from_time_major(y, u.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         dt, u, B, C, AT, D, z, sig, starts = ctx.saved_tensors
         op = _Operands(dt=dt, u=u, B=B, C=C, AT=AT, D=D, z=z, sig=sig)
@@ -176,7 +178,7 @@ class _SelectiveScan(torch.autograd.Function):
         grads["A"] = grads.pop("AT").t()
         out: list[Optional[Tensor]] = []
         for name, need, dtype in zip(_NAMES, ctx.needs_input_grad, ctx.dtypes):
-            g = grads.get(name) if need else None
+            g = grads.pop(name, None) if need else None  # pop: each time-major copy dies once converted
             if g is not None:
                 g = _from_time_major(g, dtype) if g.dim() == 3 else g.to(dtype)
             out.append(g)
