@@ -7,12 +7,13 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-# Modules exposing ``register(subparsers)``; each sets ``func`` on its parsers. Imported lazily so that
-# `lkm-unet trainer-path` does not pay for nnU-Net's imports.
+# Modules exposing ``register(subparsers)``; each sets ``func`` on its parsers. They import torch and
+# nnU-Net inside the command functions only, so `lkm-unet trainer-path` answers at once.
 COMMAND_MODULES = (
     "nnunetv2_plugin.commands_setup",
     "nnunetv2_plugin.commands_plans",
     "nnunetv2_plugin.commands_data",
+    "nnunetv2_plugin.commands_report",
 )
 
 
@@ -20,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lkm-unet", description="LKM-UNet for nnU-Net v2")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue  # a command group not shipped in this build
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -13,7 +13,7 @@ def _plans(args: argparse.Namespace) -> int:
     from nnunetv2_plugin.plans_files import write_lkm_plans
     try:
         path, tables = write_lkm_plans(args.dataset, args.configurations, args.preset, args.source_plans,
-                                       args.target_plans, args.shape_policy, args.force)
+                                       args.target_plans, args.shape_policy, args.force, args.batch_size)
     except PlansError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    f"(default {DEFAULT_TARGET_PLANS})")
     p.add_argument("--shape-policy", default="error", choices=("error", "pad"),
                    help="what the network does when a size does not divide a feature map (default error)")
+    p.add_argument("--batch-size", type=int, default=None, help="replace the planned batch size")
     p.add_argument("--force", action="store_true", help="overwrite an existing target plans file")
     p.set_defaults(func=_plans)
 

@@ -118,8 +118,42 @@ class LKMUNetTrainer_250epochs(LKMUNetTrainer):
     lkm_num_epochs = 250
 
 
+class LKMUNetTrainer_demo(LKMUNetTrainer):
+    """The quickstart's short schedule (8 epochs of 25 iterations) with a progress bar per epoch;
+    learns the synthetic demo dataset in a few CPU minutes. Not a schedule for real data."""
+
+    lkm_num_epochs = 8
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+        self._progress = None
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.local_rank == 0:
+            from tqdm import tqdm
+            self._progress = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}",
+                                  unit="it", leave=False)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{result['loss']:.3f}")
+            self._progress.update()
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        super().on_train_epoch_end(train_outputs)
+
+
 TRAINERS = (
     "LKMUNetTrainer", "nnUNetTrainerLKMUNet", "LKMUNetTrainerNoDeepSupervision", "LKMUNetTrainerNoAMP",
     "LKMUNetTrainer_1epoch", "LKMUNetTrainer_5epochs", "LKMUNetTrainer_10epochs", "LKMUNetTrainer_50epochs",
-    "LKMUNetTrainer_100epochs", "LKMUNetTrainer_250epochs",
+    "LKMUNetTrainer_100epochs", "LKMUNetTrainer_250epochs", "LKMUNetTrainer_demo",
 )

@@ -42,8 +42,12 @@ def _configurations(plans: dict, requested: Optional[Sequence[str]], path: Path)
 
 def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] = None, preset: str = "auto",
                     source_plans: str = "nnUNetPlans", target_plans: str = DEFAULT_TARGET_PLANS,
-                    shape_policy: str = "error", force: bool = False) -> tuple[Path, dict[str, str]]:
+                    shape_policy: str = "error", force: bool = False,
+                    batch_size: Optional[int] = None) -> tuple[Path, dict[str, str]]:
     """Copy ``source_plans`` to ``target_plans`` with an LKM-UNet architecture in each configuration.
+
+    ``batch_size`` replaces the planned batch size (LKM-UNet needs more memory per sample than the
+    U-Net nnU-Net planned for).
 
     Returns the written path and, per configuration, the per-stage table. Never overwrites an existing
     file unless ``force``; the source file is only read.
@@ -66,6 +70,10 @@ def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] 
         where = f"{target}, configuration {name!r}"
         rows = validate_architecture(architecture, list(configuration.patch_size), where)
         plans["configurations"][name]["architecture"] = architecture
+        if batch_size is not None:
+            if batch_size < 1:
+                raise PlansError(f"batch size must be a positive int, got {batch_size}")
+            plans["configurations"][name]["batch_size"] = batch_size
         tables[name] = stage_table(rows, architecture["arch_kwargs"]["pim_grouping"])
     plans["plans_name"] = target_plans
     target.write_text(json.dumps(plans, indent=4) + "\n")

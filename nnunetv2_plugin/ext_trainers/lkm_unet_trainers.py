@@ -11,6 +11,7 @@ from nnunetv2_plugin.lkm_unet_trainer import (  # noqa: F401
     LKMUNetTrainer_50epochs,
     LKMUNetTrainer_100epochs,
     LKMUNetTrainer_250epochs,
+    LKMUNetTrainer_demo,
     LKMUNetTrainerNoAMP,
     LKMUNetTrainerNoDeepSupervision,
     nnUNetTrainerLKMUNet,

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: set up .venv, then train LKM-UNet through the stock nnU-Net
+# commands on the synthetic demo dataset, predict the held-out cases, evaluate DSC/NSD, write overlays.
+# Runs on the GPU when torch sees one, else on the CPU (about 10 minutes on 2 cores).
+# Everything goes to $LKM_DEMO_DIR (default ./demo_work), which this script owns and recreates.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo/scripts/setup_env.sh"
+
+work="${LKM_DEMO_DIR:-$repo/demo_work}"
+if [ -e "$work" ] && [ ! -f "$work/.lkm-unet-demo" ]; then
+  echo "error: $work exists and was not made by this script; set LKM_DEMO_DIR to another folder" >&2
+  exit 2
+fi
+rm -rf "$work"
+mkdir -p "$work"
+touch "$work/.lkm-unet-demo"
+export nnUNet_raw="$work/nnUNet_raw" nnUNet_preprocessed="$work/nnUNet_preprocessed"
+export nnUNet_results="$work/nnUNet_results" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
+dataset=990
+raw="$nnUNet_raw/Dataset990_LKMUNetDemo"
+if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  device=cuda; plan_args=(); train_env=()
+else
+  # small batches keep a CPU step short; augmentation in-process avoids worker start-up on 2 cores
+  device=cpu; plan_args=(--batch-size 4); train_env=(nnUNet_n_proc_DA=0)
+fi
+step() { echo; echo "== $* =="; }
+start=$(date +%s)
+
+step "1/6 synthetic demo dataset"
+lkm-unet demo-data
+step "2/6 nnU-Net planning and preprocessing (2d)"
+nnUNetv2_plan_and_preprocess -d "$dataset" -c 2d -np 2 --verify_dataset_integrity > "$work/plan_and_preprocess.log"
+echo "log: $work/plan_and_preprocess.log"
+step "3/6 LKM-UNet plans (window and pool sizes derived for the planned patch)"
+lkm-unet plans "$dataset" -c 2d --preset auto "${plan_args[@]}"
+step "4/6 training: nnUNetv2_train $dataset 2d 0 -tr LKMUNetTrainer_demo -p nnUNetLKMUNetPlans -device $device"
+env "${train_env[@]}" nnUNetv2_train "$dataset" 2d 0 -tr LKMUNetTrainer_demo -p nnUNetLKMUNetPlans -device "$device" \
+  2>&1 | grep --line-buffered -v -E "^(Searching|  Inspecting|Trainer '|Using trainer)" || true
+step "5/6 prediction of the held-out cases"
+nnUNetv2_predict -i "$raw/imagesTs" -o "$work/predictions" -d "$dataset" -c 2d -f 0 -tr LKMUNetTrainer_demo \
+  -p nnUNetLKMUNetPlans -device "$device" --disable_tta -npp 1 -nps 1 \
+  2>&1 | grep --line-buffered -v -E "^(Searching|  Inspecting|Trainer '|Using trainer)" || true
+step "6/6 evaluation (DSC, NSD) and overlays"
+lkm-unet evaluate "$work/predictions" "$raw/labelsTs" --dataset-json "$raw/dataset.json" \
+  --output-dir "$work/evaluation"
+lkm-unet overlays "$raw/imagesTs" "$raw/labelsTs" "$work/predictions" "$work/overlays"
+python - "$work/evaluation/summary.csv" "$(( $(date +%s) - start ))" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"\nquickstart finished in {int(sys.argv[2]) // 60} min {int(sys.argv[2]) % 60} s")
+print(f"per-case and summary tables: {sys.argv[1].rsplit('/', 1)[0]}")
+PY
