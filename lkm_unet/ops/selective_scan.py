@@ -93,13 +93,15 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def available_backends() -> dict[str, str]:
-    """Each backend mapped to 'ok' or the reason it cannot run here (with the fix for cuda)."""
+    """Each backend mapped to 'ok' or the reason it cannot run here (with the fix, where a GPU is seen)."""
     fn, reason = _cuda_scan()
-    return {
-        "torch": "ok",
-        "ref": "ok",
-        "cuda": "ok" if fn is not None else f"{reason}: {CUDA_INSTALL_HINT}",
-    }
+    if fn is not None:
+        cuda = "ok"
+    elif not torch.cuda.is_available():
+        cuda = reason  # no kernel build helps without a GPU
+    else:
+        cuda = f"{reason}: {CUDA_INSTALL_HINT}"
+    return {"torch": "ok", "ref": "ok", "cuda": cuda}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

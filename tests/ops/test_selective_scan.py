@@ -319,7 +319,7 @@ def test_available_backends_reports_why_cuda_is_unusable() -> None:
     if torch.cuda.is_available():
         pytest.skip("the reason depends on the local mamba-ssm build")
     assert backends["cuda"].startswith("torch sees no CUDA device")
-    assert "MAMBA_FORCE_BUILD=TRUE pip install" in backends["cuda"]
+    assert "pip install" not in backends["cuda"]          # no kernel build helps without a GPU
     try:
         import mamba_ssm  # noqa: F401
     except ImportError:
