@@ -33,4 +33,5 @@ if ! "$venv/bin/python" -c "import lkm_unet, nnunetv2, pytest" 2>/dev/null; then
 fi
 "$venv/bin/lkm-unet" doctor --fix >/dev/null || "$venv/bin/lkm-unet" doctor
 export PATH="$venv/bin:$PATH"
-export nnUNet_extTrainer="$("$venv/bin/lkm-unet" trainer-path)"
+# LKM-UNet's trainers first; folders the caller already listed stay after them
+export nnUNet_extTrainer="$("$venv/bin/lkm-unet" trainer-path)${nnUNet_extTrainer:+:$nnUNet_extTrainer}"
