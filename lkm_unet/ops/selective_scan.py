@@ -33,8 +33,8 @@ CUDA_INSTALL_HINT = (
     "install the CUDA kernels into this CUDA torch environment with "
     "`MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation \"mamba-ssm>=2.2,<2.4\"` and "
     "`CAUSAL_CONV1D_FORCE_BUILD=TRUE pip install --no-build-isolation \"causal-conv1d>=1.4,<1.7\"` "
-    "(mamba-ssm sources newer than 2.3 build the Mamba-1 scan kernel only with MAMBA_KEEP_CUDA_BUILD=TRUE "
-    "added); `lkm-unet doctor` shows what is missing"
+    "(the 2.2/2.3 releases always build the Mamba-1 scan kernel; source trees after 2.3.2.post1 build it "
+    "only with MAMBA_KEEP_CUDA_BUILD=TRUE added); `lkm-unet doctor` shows what is missing"
 )
 
 _context_backend: Optional[str] = None
