@@ -25,6 +25,12 @@ SHAPES = [
     ("paper", "abdomen_ct_3d", (8, 64, 64), True,
      [(1, 3, 8, 64, 64), (1, 3, 8, 32, 32), (1, 3, 4, 16, 16), (1, 3, 2, 8, 8), (1, 3, 1, 4, 4)]),
     ("official", "abdomen_ct_3d", (8, 64, 64), False, [(1, 3, 8, 64, 64)]),
+    # the paper's own 3D patch: about 45 s each on 2 cores
+    pytest.param("paper", "abdomen_ct_3d", (40, 224, 192), True,
+                 [(1, 3, 40, 224, 192), (1, 3, 40, 112, 96), (1, 3, 20, 56, 48), (1, 3, 10, 28, 24),
+                  (1, 3, 5, 14, 12)], marks=pytest.mark.slow),
+    pytest.param("official", "abdomen_ct_3d", (40, 224, 192), False, [(1, 3, 40, 224, 192)],
+                 marks=pytest.mark.slow),
 ]
 
 
