@@ -24,8 +24,11 @@ BLOCK_ELEMENTS = 1 << 20
 
 
 def chunk_length(length: int) -> int:
-    """Steps per chunk: longer chunks amortise the per-chunk ops on long sequences (measured best)."""
-    return 64 if length <= 4096 else 128
+    """Steps per chunk: longer chunks amortise the per-chunk ops on long sequences (measured best).
+
+    Never more than ``length``, so that short sequences get more batch rows per block instead.
+    """
+    return min(length, 64 if length <= 4096 else 128)
 
 
 def batch_blocks(batch: int, chunk: int, n: int, d: int) -> Iterator[tuple[int, int]]:
