@@ -30,7 +30,8 @@ from lkm_unet.ops.selective_scan_torch import selective_scan_torch  # noqa: E402
 
 N_STATE = 16
 SECTION = "## Selective scan (CPU)"
-# (b, d, l) and how often to time the oracle's fwd+bwd (0: skip, it takes minutes or does not finish)
+# (b, d, l) and how often to time the oracle's fwd+bwd (0: not tried; about 100 s at (64, 64, 1600) on an
+# idle machine, and at l = 26880 its backward does not finish)
 FULL = [((2, 64, 1600), 3), ((4, 64, 1600), 3), ((64, 64, 1600), 0), ((1600, 64, 64), 1),
         ((400, 256, 16), 1), ((1, 64, 26880), 0), ((1, 640, 840), 1)]
 QUICK = [((2, 64, 256), 1), ((1, 64, 2000), 0)]
@@ -112,16 +113,37 @@ def peak_memory_mib(b: int, d: int, l: int, threads: int) -> Optional[float]:
     return float(result.stdout.strip()) if result.returncode == 0 else None
 
 
-def bench_shape(shape: tuple[int, int, int], ref_repeats: int, repeats: int, threads: int) -> dict:
+_REF_SCRIPT = """
+import sys, torch
+sys.path[:0] = [{root!r}, {scripts!r}]
+torch.set_num_threads({threads})
+import benchmark_scan as bs
+x = bs.make_inputs({b}, {d}, {l})
+dy = torch.randn({b}, {d}, {l}, generator=torch.Generator().manual_seed(1))
+print(bs.median_ms(lambda: bs.training_step(bs.selective_scan_ref, x, dy), {repeats}, warmup=0))
+"""
+
+
+def ref_ms(b: int, d: int, l: int, repeats: int, threads: int, limit_s: float) -> Optional[float]:
+    """Median fwd+bwd time of the oracle, run in a subprocess; None if it exceeds ``limit_s`` in all."""
+    code = _REF_SCRIPT.format(root=str(ROOT), scripts=str(ROOT / "scripts"), threads=threads, b=b, d=d, l=l,
+                              repeats=repeats)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return None
+    return float(result.stdout.strip()) if result.returncode == 0 else None
+
+
+def bench_shape(shape: tuple[int, int, int], ref_repeats: int, repeats: int, threads: int,
+                ref_limit_s: float) -> dict:
     b, d, l = shape
     inputs = make_inputs(b, d, l)
     dy = torch.randn(b, d, l, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fwd = median_ms(lambda: selective_scan_torch(*inputs, delta_softplus=True), repeats)
     fwd_bwd = median_ms(lambda: training_step(selective_scan_torch, inputs, dy), repeats)
-    ref = None
-    if ref_repeats:
-        ref = median_ms(lambda: training_step(selective_scan_ref, inputs, dy), ref_repeats, warmup=0)
+    ref = ref_ms(b, d, l, ref_repeats, threads, ref_limit_s) if ref_repeats else None
     copy, eager = floors_ms(b, d, l, repeats)
     return {"shape": shape, "ref": ref, "fwd": fwd, "fwd_bwd": fwd_bwd, "copy": copy, "eager": eager,
             "peak_mib": peak_memory_mib(b, d, l, threads)}
@@ -170,6 +192,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat, nothing written")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of the torch backend (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ref-limit", type=float, default=150.0,
+                        help="seconds allowed for all of one shape's oracle repeats; '—' when exceeded")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
@@ -180,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     started = time.perf_counter()
     rows = []
     for shape, ref_repeats in shapes:
-        rows.append(bench_shape(shape, ref_repeats, repeats, args.threads))
+        rows.append(bench_shape(shape, ref_repeats, repeats, args.threads, args.ref_limit))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = "python scripts/benchmark_scan.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -192,11 +216,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         "times across runs.", "",
         f"fp32, n = {N_STATE}, `delta_softplus=True` with `D`, `z` and `delta_bias` (the network's call). "
         f"Medians of {repeats} repeats after a warm-up (the oracle: the repeats given in the script, no "
-        "warm-up; — where it takes minutes or, at l = 26880, does not finish). fwd is under `torch.no_grad()`; "
+        "warm-up, in a fresh process; — where it was not tried (minutes; at l = 26880 its backward does not "
+        f"finish) or did not finish within {args.ref_limit:.0f} s). fwd is under `torch.no_grad()`; "
         "fwd+bwd is one forward and `backward()` of every input's gradient.", "",
         "- bytes-moved floor: the time, measured in the same run, of `copy_` between two fp32 buffers of "
         "(11 b d l + 6 b n l) / 2 elements each: the forward reads u, delta, z, B, C and writes y; the backward "
-        "reads them again with dy and writes du, ddelta, dz, dB, dC.",
+        "reads them again with dy and writes du, ddelta, dz, dB, dC. The copy is repeated on the same buffers, "
+        "so for the small shapes it runs from cache: a cache-bandwidth floor there, a memory one for the large.",
         "- eager floor: `torch.exp` over b d l n fp32 elements into a preallocated output, timed in the same "
         "run, x2 for fwd+bwd (the decay exp(dt A) is needed once in the forward and once in the recomputing "
         "backward).",
