@@ -7,7 +7,6 @@ any data is loaded. Variants are one-flag subclasses in nnU-Net's naming style.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
@@ -20,7 +19,6 @@ from lkm_unet import LKMUNet
 from lkm_unet.ops.selective_scan import available_backends, resolve_backend
 from nnunetv2_plugin.plans import resolve_architecture, stage_table
 
-logger = logging.getLogger("lkm_unet")
 
 
 class LKMUNetTrainer(nnUNetTrainer):

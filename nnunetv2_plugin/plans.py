@@ -15,7 +15,6 @@ not fit the plan.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any, Optional
 
 import torch
@@ -24,7 +23,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from lkm_unet import LKMUNet, derive_kernel_sizes, load_config
 from lkm_unet.presets import PRESETS
 
-logger = logging.getLogger("lkm_unet")
 
 LKM_NETWORK_CLASS = "lkm_unet.nets.lkm_unet.LKMUNet"
 PLANS_PRESETS = ("auto", *PRESETS)

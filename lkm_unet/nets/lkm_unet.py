@@ -1,7 +1,6 @@
 """LKM-UNet (Wang et al., MICCAI 2024): a residual U-Net whose encoder stages end in PiM + PaM."""
 from __future__ import annotations
 
-import math
 import pydoc
 from typing import Any, Optional, Sequence, Type, Union
 

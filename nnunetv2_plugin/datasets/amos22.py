@@ -26,13 +26,8 @@ from nnunetv2_plugin.datasets.raw_dataset import (
     DatasetError,
     PathLike,
     RawCase,
-    dataset_folder,
-    new_dataset_folder,
     pair_images_with_labels,
-    split_cases,
-    verify_raw_dataset,
-    write_cases,
-    write_dataset_json,
+    write_dataset,
 )
 
 logger = logging.getLogger("lkm_unet")
@@ -135,25 +130,13 @@ def convert_amos22(
         cases += _mr_cases(images_dir, labels_dir)
     if not cases:
         raise DatasetError(f"no labelled MR cases (amos_XXXX with XXXX >= {AMOS_FIRST_MR_CASE}) in {source}")
-    train_ids, test_ids = split_cases([c.case_id for c in cases], test_cases, test_fraction, seed)
-    folder = dataset_folder(AMOS22_DATASET_NAME, output_root)
-    logger.info("AMOS22 MR: %d training and %d held-out cases -> %s", len(train_ids), len(test_ids), folder)
-    with new_dataset_folder(folder, force, source):
-        write_cases(folder, cases, test_ids, lambda array, path: _remap(table, array, path))
-        write_dataset_json(
-            folder,
-            {"0": "MRI"},
-            abdomen_labels(),
-            len(train_ids),
-            dataset_name=AMOS22_DATASET_NAME,
-            description="AMOS22 abdominal MR, 13 organs in FLARE22's order (bladder, prostate/uterus removed)",
-            reference="https://amos22.grand-challenge.org/",
-            converted_by="lkm-unet convert-amos22",
-            license="see the AMOS22 terms",
-        )
-    if verify:
-        verify_raw_dataset(folder, num_processes)
-    return folder
+    return write_dataset(
+        AMOS22_DATASET_NAME, source, cases, lambda array, path: _remap(table, array, path), {"0": "MRI"},
+        abdomen_labels(),
+        {"description": "AMOS22 abdominal MR, 13 organs in FLARE22's order (bladder, prostate/uterus removed)",
+         "reference": "https://amos22.grand-challenge.org/", "converted_by": "lkm-unet convert-amos22",
+         "license": "see the AMOS22 terms"},
+        output_root, test_cases, test_fraction, seed, force, verify, num_processes)
 
 
 def _mr_cases(images_dir: Path, labels_dir: Path) -> list[RawCase]:

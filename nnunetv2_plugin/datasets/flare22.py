@@ -22,13 +22,8 @@ from nnunetv2_plugin.datasets.raw_dataset import (
     NIFTI_ENDING,
     DatasetError,
     PathLike,
-    dataset_folder,
-    new_dataset_folder,
     pair_images_with_labels,
-    split_cases,
-    verify_raw_dataset,
-    write_cases,
-    write_dataset_json,
+    write_dataset,
 )
 
 logger = logging.getLogger("lkm_unet")
@@ -62,25 +57,12 @@ def convert_flare22(
     cases = pair_images_with_labels(
         _find_images(source / "images"), source / "labels", lambda case_id: case_id + NIFTI_ENDING
     )
-    train_ids, test_ids = split_cases([c.case_id for c in cases], test_cases, test_fraction, seed)
-    folder = dataset_folder(FLARE22_DATASET_NAME, output_root)
-    logger.info("FLARE22: %d training and %d held-out cases -> %s", len(train_ids), len(test_ids), folder)
-    with new_dataset_folder(folder, force, source):
-        write_cases(folder, cases, test_ids, _check_flare22_label)
-        write_dataset_json(
-            folder,
-            {"0": "CT"},
-            abdomen_labels(),
-            len(train_ids),
-            dataset_name=FLARE22_DATASET_NAME,
-            description="FLARE22 labelled abdominal CT, 13 organs",
-            reference="https://flare22.grand-challenge.org/",
-            converted_by="lkm-unet convert-flare22",
-            license="see the FLARE22 challenge terms",
-        )
-    if verify:
-        verify_raw_dataset(folder, num_processes)
-    return folder
+    return write_dataset(
+        FLARE22_DATASET_NAME, source, cases, _check_flare22_label, {"0": "CT"}, abdomen_labels(),
+        {"description": "FLARE22 labelled abdominal CT, 13 organs",
+         "reference": "https://flare22.grand-challenge.org/", "converted_by": "lkm-unet convert-flare22",
+         "license": "see the FLARE22 challenge terms"},
+        output_root, test_cases, test_fraction, seed, force, verify, num_processes)
 
 
 def _find_images(images_dir: Path) -> dict:

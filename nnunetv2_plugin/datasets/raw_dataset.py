@@ -189,6 +189,35 @@ def write_dataset_json(
     )
 
 
+def write_dataset(
+    dataset_name: str,
+    source: Path,
+    cases: Sequence[RawCase],
+    remap_label: Callable[[np.ndarray, Path], np.ndarray],
+    channel_names: Dict[str, str],
+    labels: Dict[str, int],
+    metadata: Dict[str, str],
+    output_root: Optional[PathLike],
+    test_cases: Optional[int],
+    test_fraction: Optional[float],
+    seed: int,
+    force: bool,
+    verify: bool,
+    num_processes: int,
+) -> Path:
+    """What every converter does once it has its cases: split off the held-out cases, write images,
+    labels and dataset.json into a new folder (see :func:`new_dataset_folder`), run the integrity check."""
+    train_ids, test_ids = split_cases([c.case_id for c in cases], test_cases, test_fraction, seed)
+    folder = dataset_folder(dataset_name, output_root)
+    logger.info("%s: %d training and %d held-out cases -> %s", dataset_name, len(train_ids), len(test_ids), folder)
+    with new_dataset_folder(folder, force, source):
+        write_cases(folder, cases, test_ids, remap_label)
+        write_dataset_json(folder, channel_names, labels, len(train_ids), dataset_name=dataset_name, **metadata)
+    if verify:
+        verify_raw_dataset(folder, num_processes)
+    return folder
+
+
 def verify_raw_dataset(folder: Path, num_processes: int = 2) -> None:
     """Run nnU-Net's own integrity check on ``folder``; its findings are printed by nnU-Net."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
