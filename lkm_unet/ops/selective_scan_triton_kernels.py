@@ -29,6 +29,24 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.sum and tl.sigmoid are jit functions of triton's standard library: under TRITON_INTERPRET=1 they
+    # work only if triton itself was imported with the variable set, which torch (importing triton from
+    # torch._dynamo) does not allow a test to arrange. These local twins have no such condition.
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _softplus(x):
     # log1p(exp(x)) as torch computes it (linear above 20); log(w) * y / (w - 1) is an accurate log1p(y)
     y = tl.exp(tl.minimum(x, 20.0))
@@ -45,7 +63,7 @@ def _time_step(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
         raw += bias[:, None]
     if SOFTPLUS:
         dt = _softplus(raw)
-        slope = tl.sigmoid(raw)
+        slope = _sigmoid(raw)
     else:
         dt = raw
         slope = tl.full(raw.shape, 1.0, tl.float32)
@@ -75,7 +93,7 @@ def scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dt, _ = _time_step(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
-        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        y = tl.full((BLOCK_D, CHUNK), 0.0, tl.float32)
         for n in range(DSTATE):
             a_n = tl.load(A_ptr + d_offs * DSTATE + n, mask=d_mask, other=0.0).to(tl.float32)
             B_n = tl.load(B_ptr + bc_row + n * length + t, mask=t_mask, other=0.0).to(tl.float32)
@@ -84,14 +102,14 @@ def scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
             decay_prod, inputs = tl.associative_scan((tl.exp(dt * a_n[:, None]), dtu * B_n[None, :]), 1, _combine)
             h = decay_prod * h0[:, None] + inputs
             y += h * C_n[None, :]
-            h_last = tl.sum(tl.where(t_loc[None, :] == CHUNK - 1, h, 0.0), 1)
+            h_last = _sum(tl.where(t_loc[None, :] == CHUNK - 1, h, 0.0), 1)
             tl.store(states_ptr + st_rows + (c + 1) * DSTATE + n, h_last,
                      mask=d_mask & (d_offs * 0 + c + 1 < n_chunks))
         if HAS_D:
             y += u * Dv[:, None]
         if HAS_Z:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
+            y *= z * _sigmoid(z)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the chunk-start states just stored are read by the next chunk
         c += 1
@@ -116,8 +134,8 @@ def scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_pt
     parity_stride = batch * dim * DSTATE
     Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dD_acc = tl.full((BLOCK_D,), 0.0, tl.float32)
+    dbias_acc = tl.full((BLOCK_D,), 0.0, tl.float32)
     c = n_chunks - 1
     while c >= 0:
         t = c * CHUNK + t_loc
@@ -132,14 +150,14 @@ def scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_pt
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z_sig = tl.sigmoid(z)
+            z_sig = _sigmoid(z)
             dy = dout * z * z_sig  # gradient of the pre-gate output
-            y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+            y = tl.full((BLOCK_D, CHUNK), 0.0, tl.float32)
         else:
             dy = dout
         dtu = dt * u
-        du = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        du = tl.full((BLOCK_D, CHUNK), 0.0, tl.float32)
+        ddt = tl.full((BLOCK_D, CHUNK), 0.0, tl.float32)
         read = carry_ptr + ((c + 1) % 2) * parity_stride + carry_row
         write = carry_ptr + (c % 2) * parity_stride + carry_row
         for n in range(DSTATE):
@@ -154,27 +172,27 @@ def scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_pt
             g_prod, g_in = tl.associative_scan((a_next, dy * C_n[None, :]), 1, _combine, reverse=True)
             g_after = tl.load(read + n, mask=d_mask, other=0.0)  # g at the next chunk's first step
             g = g_in + g_prod * g_after[:, None]
-            tl.store(write + n, tl.sum(tl.where(t_loc[None, :] == 0, g, 0.0), 1), mask=d_mask)
+            tl.store(write + n, _sum(tl.where(t_loc[None, :] == 0, g, 0.0), 1), mask=d_mask)
             gB = g * B_n[None, :]
             x = g * (h - b_in)  # g_t a_t h_{t-1}, without dividing by a possibly underflowed a_t
             du += gB
             ddt += gB * u + x * a_n[:, None]
             if HAS_Z:
                 y += h * C_n[None, :]
-            tl.store(dA_part_ptr + st_rows + c * DSTATE + n, tl.sum(x * dt, 1), mask=d_mask)
-            tl.store(dB_part_ptr + part_row + n * length + t, tl.sum(g * dtu, 0), mask=t_mask)
-            tl.store(dC_part_ptr + part_row + n * length + t, tl.sum(h * dy, 0), mask=t_mask)
+            tl.store(dA_part_ptr + st_rows + c * DSTATE + n, _sum(x * dt, 1), mask=d_mask)
+            tl.store(dB_part_ptr + part_row + n * length + t, _sum(g * dtu, 0), mask=t_mask)
+            tl.store(dC_part_ptr + part_row + n * length + t, _sum(h * dy, 0), mask=t_mask)
         du *= dt
         if HAS_D:
             du += dy * Dv[:, None]
-            dD_acc += tl.sum(dy * u, 1)
+            dD_acc += _sum(dy * u, 1)
         if HAS_Z:
             if HAS_D:
                 y += u * Dv[:, None]
             tl.store(dz_ptr + offs, (dout * y * z_sig * (1.0 + z * (1.0 - z_sig))).to(dz_ptr.dtype.element_ty),
                      mask=mask)
         ddt = tl.where(mask, ddt * slope, 0.0)
-        dbias_acc += tl.sum(ddt, 1)
+        dbias_acc += _sum(ddt, 1)
         tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the carried adjoint just stored is read by the chunk before
