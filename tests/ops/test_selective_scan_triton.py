@@ -135,3 +135,13 @@ def test_large_decay_is_finite_and_matches_ref() -> None:
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
     check(inputs, True, torch.float32)
 
+
+
+def test_opcheck_and_fullgraph_compile_with_the_triton_backend() -> None:
+    inputs = {k: v.to(DEVICE, torch.float32) for k, v in make_inputs(1, 2, 18, 2, seed=9).items()}
+    args = tuple(inputs[k] for k in NAMES)
+    torch.library.opcheck(torch.ops.lkm_unet.selective_scan_fwd.default, (*args, True, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: scan(*a, delta_softplus=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), scan(*args, delta_softplus=True), rtol=0, atol=0)
