@@ -36,7 +36,7 @@ if not ON_GPU:
         pytest.skip("the triton kernels were compiled for a GPU earlier in this process", allow_module_level=True)
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. first imported
 
-from lkm_unet.ops import selective_scan  # noqa: E402
+from lkm_unet.ops import selective_scan, selective_scan_ref  # noqa: E402
 from lkm_unet.ops import selective_scan_triton as triton_scan  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -66,14 +66,14 @@ def test_backend_is_used_not_a_fallback() -> None:
 @pytest.mark.parametrize("present", list(itertools.product([False, True], repeat=3)),
                          ids=lambda p: "+".join(k for k, on in zip(OPTIONAL, p) if on) or "bare")
 def test_fp32_matches_ref_every_option(present: tuple[bool, ...], softplus: bool) -> None:
-    inputs = make_inputs(2, 3, 37, 4, softplus=softplus)  # 37 = two chunks of 16 and a remainder of 5
+    inputs = make_inputs(2, 3, 37, 2, softplus=softplus)  # 37 = two chunks of 16 and a remainder of 5
     for name, on in zip(OPTIONAL, present):
         if not on:
             inputs[name] = None
     check(inputs, softplus, torch.float32)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 2, 16, 3), (1, 5, 20, 2), (2, 4, 50, 8), (1, 2, 9, 64)],
+@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 2, 16, 3), (1, 5, 20, 2), (1, 4, 50, 3), (1, 2, 5, 64)],
                          ids=lambda s: "b{}-d{}-l{}-n{}".format(*s))
 def test_matches_ref_shapes(shape: tuple[int, int, int, int]) -> None:
     """l = 1, exactly one chunk, a partial second chunk, four chunks; d not a multiple of the block;
@@ -108,7 +108,7 @@ def test_bf16_activations_with_fp32_parameters_keep_each_dtype() -> None:
 
 
 def test_backward_is_deterministic_and_keeps_only_chunk_states() -> None:
-    b, d, l, n = 2, 3, 40, 4
+    b, d, l, n = 1, 3, 40, 2
     inputs = {k: v.to(DEVICE, torch.float32).requires_grad_() for k, v in make_inputs(b, d, l, n, seed=2).items()}
     grads = []
     for _ in range(2):
@@ -127,13 +127,17 @@ def test_backward_is_deterministic_and_keeps_only_chunk_states() -> None:
 
 def test_large_decay_is_finite_and_matches_ref() -> None:
     """|A| dt up to 4e5: decays underflow to an exact 0 and nothing becomes inf or NaN."""
-    inputs = make_inputs(1, 4, 24, 8, delta_shift=2.0)
-    inputs["A"] = -torch.logspace(-1, 4, 32, dtype=torch.float64).view(4, 8)
+    inputs = make_inputs(1, 4, 20, 4, delta_shift=2.0)
+    inputs["A"] = -torch.logspace(-1, 4, 16, dtype=torch.float64).view(4, 4)
     inputs["delta"][:, :, ::7] = 40.0  # softplus above its linear threshold
+    inputs = {k: v.float().double() for k, v in inputs.items()}  # the oracle sees the fp32 values
     y, grads = run(scan, {k: v.to(DEVICE) for k, v in inputs.items()}, True, torch.float32,
-                   torch.ones(1, 4, 24, dtype=torch.float64, device=DEVICE))
+                   torch.ones(1, 4, 20, dtype=torch.float64, device=DEVICE))
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
-    check(inputs, True, torch.float32)
+    y_ref, grads_ref = run(selective_scan_ref, inputs, True, torch.float64, torch.ones(1, 4, 20, dtype=torch.float64))
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=6e-4, atol=2e-3)
+    for name in grads:
+        torch.testing.assert_close(grads[name].cpu(), grads_ref[name], rtol=1e-3, atol=4e-3, msg=name)
 
 
 
