@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lkm_unet.modules.partition import GROUPINGS
 from lkm_unet.modules.patch_ssm import PatchSSM
 from lkm_unet.modules.pixel_ssm import PixelSSM
-from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
+from lkm_unet.modules.shape_policy import check_policy, divisibility_errors, padding_for, per_axis
 from lkm_unet.nets.lkm_encoder import LKMDecoder, LKMEncoder, LKMStage
 from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
 
@@ -146,6 +146,18 @@ class LKMUNet(nn.Module):
                          "pam_pool_size": list(lkm.pam.pool_size), "pim_padding": list(pads[0]),
                          "pam_padding": list(pads[1])})
         return rows
+
+    def input_size_errors(self, patch_size: Sequence[int]) -> list[str]:
+        """Every stage, block (PiM, PaM) and axis whose size does not divide the feature map of
+        ``patch_size``, one message each with the sizes that would; empty under ``shape_policy="pad"``."""
+        if self.shape_policy != "error":
+            return []
+        errors = []
+        for size, lkm in zip(stage_feature_sizes(patch_size, self.encoder.strides), self.encoder.lkm_stages):
+            for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
+                errors += divisibility_errors(size, sizes, block.where, block.size_name.replace("_", " "),
+                                              block.input_stride)
+        return errors
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Activation count nnU-Net's planners use to size batches (conv maps plus PiM/PaM)."""
