@@ -86,8 +86,9 @@ def validate_architecture(architecture: dict[str, Any], patch_size: list[int], w
     """Build the network on the meta device and check it against ``patch_size``.
 
     Returns the per-stage table (:meth:`LKMUNet.validate_input_size`); raises :class:`PlansError` with
-    every problem found (a patch axis the strides do not divide, each stage, block and axis whose size
-    does not divide its feature map), each prefixed with ``where`` (file and configuration).
+    every problem found, each prefixed with ``where`` (file and configuration): each patch axis the
+    strides do not divide or, if there is none, each stage, block and axis whose size does not divide its
+    feature map.
     """
     kwargs = architecture.get("arch_kwargs", {})
     for key in ("pim_kernel_sizes", "pam_pool_sizes"):
@@ -102,7 +103,8 @@ def validate_architecture(architecture: dict[str, Any], patch_size: list[int], w
             network = LKMUNet(input_channels=1, num_classes=2, **kwargs)
     except (TypeError, ValueError) as error:
         raise PlansError(f"{where}: {error}") from None
-    errors = patch_stride_errors(patch_size, kwargs["strides"]) + network.input_size_errors(patch_size)
+    # A patch the strides do not divide has no well-defined stage maps: report it alone, windows after.
+    errors = patch_stride_errors(patch_size, kwargs["strides"]) or network.input_size_errors(patch_size)
     if errors:
         raise PlansError(*(f"{where}: {error}" for error in errors))
     return network.validate_input_size(patch_size)
