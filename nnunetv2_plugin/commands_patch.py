@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--plans", default=DEFAULT_LKM_PLANS,
                    help=f"plans identifier to change or write (default {DEFAULT_LKM_PLANS})")
     p.add_argument("--source-plans", default=None,
-                   help="plans identifier to start from (default: the plans file itself if it exists, else nnUNetPlans)")
+                   help="plans identifier to start from (default: the plans file itself if it exists, "
+                        "else nnUNetPlans)")
     p.add_argument("--n-stages", type=int, default=None,
                    help="keep only the first N stages (when the plan's strides cannot serve the patch)")
     p.set_defaults(func=_set_patch)

@@ -26,7 +26,8 @@ def patch_stride_errors(patch_size: Sequence[int], strides: Strides) -> list[str
     """One message per axis whose patch size is not a multiple of the total stride there."""
     total = total_stride(strides, len(patch_size))
     return [f"patch_size {list(patch_size)}: axis {axis} (size {p}) is not a multiple of {t}, the total stride "
-            f"of the {len(strides)} stages on that axis; sizes that are: {' or '.join(map(str, nearest_multiples(p, t)))}"
+            f"of the {len(strides)} stages on that axis; sizes that are: "
+            + " or ".join(map(str, nearest_multiples(p, t)))
             for axis, (p, t) in enumerate(zip(patch_size, total)) if p % t]
 
 

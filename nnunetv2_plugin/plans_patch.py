@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from nnunetv2_plugin import DEFAULT_LKM_PLANS
 from nnunetv2_plugin.patch_sizes import nearest_valid_patches, patch_stride_errors, stages_serving, total_stride
 from nnunetv2_plugin.plans import PlansError, is_lkm_architecture, lkm_architecture, stage_table, validate_architecture
 from nnunetv2_plugin.plans_files import plans_path
-
-logger = logging.getLogger("lkm_unet")
 
 # nnU-Net's default planner (ExperimentPlanner, nnunetv2 2.8.1): a U-Net whose
 # compute_conv_feature_map_size is UNet_reference_val_{2d,3d} per sample fits, at batch size

@@ -127,7 +127,8 @@ def test_fewer_stages_on_request_and_backups_never_overwritten(preprocessed, req
                        "    1  [10, 12]         [5, 6]         [5, 6]         none",
                        "    2  [5, 6]           [5, 6]         [5, 6]         none"]
     kwargs = json.loads(path.read_text())["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    assert (kwargs["n_stages"], kwargs["strides"], kwargs["n_conv_per_stage_decoder"]) == (3, [[1, 1], [2, 2], [2, 2]], [2, 2])
+    assert (kwargs["n_stages"], kwargs["strides"], kwargs["n_conv_per_stage_decoder"]) == \
+        (3, [[1, 1], [2, 2], [2, 2]], [2, 2])
     assert len(kwargs["features_per_stage"]) == len(kwargs["kernel_sizes"]) == len(kwargs["n_blocks_per_stage"]) == 3
     once = path.read_bytes()
     assert main(["set-patch", DATASET, "-c", "2d", "--patch-size", "20", "16", "-p", path.stem]) == 0
@@ -141,8 +142,8 @@ def test_fewer_stages_on_request_and_backups_never_overwritten(preprocessed, req
 
 
 def test_nnunets_own_plans_are_never_edited_in_place(preprocessed):
-    with pytest.raises(PlansError, match=r"configuration '2d': the architecture is "
-                                         r"dynamic_network_architectures.architectures.unet.PlainConvUNet, not LKM-UNet"):
+    with pytest.raises(PlansError, match=r"configuration '2d': the architecture is dynamic_network_architectures"
+                                         r".architectures.unet.PlainConvUNet, not LKM-UNet"):
         set_patch_size(DATASET, "2d", [16, 16], plans="nnUNetPlans")
 
 
