@@ -6,6 +6,7 @@ window and the nearest sizes that would work. Never a silent change of semantics
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 SHAPE_POLICIES = ("pad", "error")
@@ -62,12 +63,14 @@ def divisibility_errors(
     where: str,
     what: str,
     input_stride: Optional[Sequence[int]] = None,
+    patch_multiple: Optional[Sequence[int]] = None,
 ) -> list[str]:
     """One message per axis on which ``sizes`` does not divide ``spatial`` (empty when all divide).
 
     Each names ``where`` (e.g. 'stage 2 PiM'), ``what`` ('kernel size', 'pool size'), the axis, the size
     and the nearest valid sizes; with ``input_stride`` (the stage's total downsampling per axis) also the
-    nearest valid patch sizes on that axis.
+    nearest valid patch sizes on that axis, multiples of ``patch_multiple`` too where given (the
+    network's total stride, which every patch must be a multiple of).
     """
     errors = []
     for axis, (s, k) in enumerate(zip(spatial, sizes)):
@@ -77,7 +80,10 @@ def divisibility_errors(
                    f"{tuple(spatial)} (size {s}); {what}s that divide it: "
                    f"{' or '.join(map(str, nearest_divisors(s, k)))}")
         if input_stride is not None:
-            patches = nearest_multiples(s * input_stride[axis], k * input_stride[axis])
+            multiple = k * input_stride[axis]
+            if patch_multiple is not None:
+                multiple = math.lcm(multiple, patch_multiple[axis])
+            patches = nearest_multiples(s * input_stride[axis], multiple)
             message += f"; or a patch size of {' or '.join(map(str, patches))} on axis {axis}"
         errors.append(message + "; or shape_policy='pad'")
     return errors

@@ -133,15 +133,18 @@ class LKMUNet(nn.Module):
         """Check every stage's window and pool against the feature maps of ``patch_size``.
 
         Returns one row per stage (feature size, window, pool, padding each needs). Under
-        ``shape_policy="error"`` a size that does not divide raises the ValueError PiM/PaM would raise.
+        ``shape_policy="error"`` a size that does not divide raises a ValueError with the first message
+        of :meth:`input_size_errors` (which lists them all).
         """
+        errors = self.input_size_errors(patch_size)
+        if errors:
+            raise ValueError(errors[0])
         rows = []
         for s, (size, lkm) in enumerate(zip(stage_feature_sizes(patch_size, self.encoder.strides),
                                             self.encoder.lkm_stages)):
             pads = []
             for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
-                pads.append(padding_for(size, sizes, self.shape_policy, block.where,
-                                        block.size_name.replace("_", " "), block.input_stride))
+                pads.append(padding_for(size, sizes, "pad", block.where, block.size_name.replace("_", " ")))
             rows.append({"stage": s, "feature_size": size, "pim_kernel_size": list(lkm.pim.kernel_size),
                          "pam_pool_size": list(lkm.pam.pool_size), "pim_padding": list(pads[0]),
                          "pam_padding": list(pads[1])})
@@ -152,11 +155,12 @@ class LKMUNet(nn.Module):
         ``patch_size``, one message each with the sizes that would; empty under ``shape_policy="pad"``."""
         if self.shape_policy != "error":
             return []
+        total = self.encoder.lkm_stages[-1].pim.input_stride  # the patch must be a multiple of it
         errors = []
         for size, lkm in zip(stage_feature_sizes(patch_size, self.encoder.strides), self.encoder.lkm_stages):
             for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
                 errors += divisibility_errors(size, sizes, block.where, block.size_name.replace("_", " "),
-                                              block.input_stride)
+                                              block.input_stride, total)
         return errors
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
