@@ -116,7 +116,8 @@ def set_patch_size(dataset: str | int, configuration: str, patch_size: Sequence[
     entry = content["configurations"][configuration]
     entry["patch_size"] = patch
     entry["architecture"] = architecture
-    content["plans_name"] = plans
+    if source != target:  # a new file takes its own name, as `lkm-unet plans` writes it; in place it stays
+        content["plans_name"] = plans
     backup = _backup(target) if target.is_file() else None
     target.write_text(json.dumps(content, indent=4) + "\n")
     return PatchChange(target, backup, source, list(planned.patch_size), patch, kwargs["n_stages"],
