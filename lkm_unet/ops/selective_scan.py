@@ -121,10 +121,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
 def _resolve_constant(backend: str, device_type: str) -> str:
     """:func:`resolve_backend`, which torch.compile evaluates once while tracing instead of tracing it."""
     return resolve_backend(backend, torch.device(device_type))
+
+
+# What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (which imports
+# triton) when lkm_unet is imported; tests/ops/test_selective_scan_op.py fails if torch stops honouring it.
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def selective_scan(

@@ -168,3 +168,15 @@ def test_forced_backend_that_cannot_run_falls_back_along_the_auto_order(monkeypa
                                             r"using the triton backend"):
         assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
     assert dispatch.resolve_backend("triton", torch.device("cuda")) == "triton"
+
+
+def test_import_lkm_unet_imports_neither_triton_nor_dynamo() -> None:
+    """Triton, numba and torch._dynamo (which imports triton) load only when a backend or compile needs them."""
+    script = "import sys, lkm_unet; print(sorted(m for m in ('triton', 'numba', 'torch._dynamo') if m in sys.modules))"
+    root = Path(dispatch.__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
