@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lkm_unet.ops import available_backends, scan_backend, selective_scan
+from lkm_unet.ops import available_backends, scan_backend, selective_scan, selective_scan_ref
+from lkm_unet.ops import selective_scan_backends as backends
 
 # the package re-exports the function under the module's name, so fetch the module itself
 dispatch = importlib.import_module("lkm_unet.ops.selective_scan")
@@ -20,13 +21,20 @@ dispatch = importlib.import_module("lkm_unet.ops.selective_scan")
 
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records which implementation each ``selective_scan`` call ran."""
+    """Records which implementation each ``selective_scan`` call ran (fast backends: their forward)."""
     calls: list[str] = []
-    for name, impl in (("torch", dispatch.selective_scan_torch), ("ref", dispatch.selective_scan_ref)):
-        def spy(*args, _impl=impl, _name=name, **kwargs):
-            calls.append(_name)
-            return _impl(*args, **kwargs)
-        monkeypatch.setattr(dispatch, f"selective_scan_{name}", spy)
+    load = backends.module
+
+    def module_spy(name: str):
+        calls.append(name)
+        return load(name)
+
+    def ref_spy(*args, **kwargs):
+        calls.append("ref")
+        return selective_scan_ref(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "module", module_spy)
+    monkeypatch.setattr(dispatch, "selective_scan_ref", ref_spy)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_warned", set())
     return calls
@@ -51,14 +59,15 @@ def test_env_var_context_and_argument_select_backend(spies: list[str], monkeypat
     selective_scan(*args, backend="torch")
     monkeypatch.setenv(dispatch.ENV_VAR, " Torch ")
     selective_scan(*args)
-    assert spies == ["torch", "ref", "torch", "ref", "torch", "torch"]
+    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))  # numba when it is there, else torch
+    assert spies == [cpu_auto, "ref", "torch", "ref", "torch", "torch"]
     torch.testing.assert_close(y_torch, y_ref, rtol=6e-4, atol=2e-3)  # fp32 tolerance of the oracle tests
 
 
 def test_invalid_backend_names_raise_with_the_valid_names(spies: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    valid = "auto, torch, cuda, ref"
-    with pytest.raises(ValueError, match=f"backend='triton'.*valid: {valid}"):
-        selective_scan(*small_args(), backend="triton")
+    valid = "auto, cuda, triton, numba, torch, ref"
+    with pytest.raises(ValueError, match=f"backend='mamba_ssm'.*valid: {valid}"):
+        selective_scan(*small_args(), backend="mamba_ssm")
     with pytest.raises(ValueError, match=f"scan_backend='fast'.*valid: {valid}"):
         with scan_backend("fast"):
             pass
@@ -76,8 +85,12 @@ def test_cuda_backend_on_cpu_tensors_falls_back_to_torch_warning_once(spies: lis
         selective_scan(*args, backend="cuda")
         selective_scan(*args, backend="cuda")
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime) == 1 and "using the torch backend" in str(runtime[0].message)
-    assert spies == ["torch", "torch"]
+    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))
+    assert len(runtime) == 1, [str(w.message) for w in runtime]
+    assert str(runtime[0].message).startswith("selective_scan: backend 'cuda' cannot run on cpu tensors here "
+                                              "(cuda: it computes on cuda tensors, these are cpu tensors); "
+                                              f"using the {cpu_auto} backend")
+    assert spies == [cpu_auto, cpu_auto]
 
 
 def test_available_backends_reports_why_cuda_is_unusable() -> None:
