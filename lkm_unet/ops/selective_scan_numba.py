@@ -5,52 +5,32 @@ with the semantics of :func:`lkm_unet.ops.selective_scan_ref.selective_scan_ref`
 the recurrence in one pass with its state in a local array (no Python per step); the forward keeps the
 state entering every chunk of :data:`CHUNK` steps and the backward recomputes one chunk at a time, so
 memory stays ``O(b d l)``. The kernels are in :mod:`lkm_unet.ops.selective_scan_numba_kernels`;
-this module does the cheap elementwise work around them in torch (softplus, the ``silu(z)`` gate, the
-``D`` skip, reductions over partial sums) and imports numba only when a kernel is first needed.
+this module prepares their inputs in torch (softplus, layouts) and reduces their partial sums. numba is
+imported here; the dispatcher imports this module only when the numba backend is chosen, so
+``import lkm_unet`` does not import numba.
 
 Arithmetic is fp32, or fp64 for fp64 inputs; gradients come back in each input's dtype.
 """
 from __future__ import annotations
 
-import functools
 import math
-from types import ModuleType
 from typing import Optional
 
+import numba  # the backend registry imports this module only when the numba backend is asked for
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lkm_unet.ops import selective_scan_numba_kernels as kernels
+
 # Steps per chunk between saved states: the backward's recompute buffers, (CHUNK + 1) x n and CHUNK x n,
 # stay in L1 for n = 16 (8 KiB in fp32), and the saved states are 1/CHUNK of the (b, d, l, n) history.
 CHUNK = 64
-INSTALL_HINT = 'install numba with `pip install "numba>=0.60,<0.69"` (wheels for Linux, macOS and Windows)'
-
-
-@functools.lru_cache(maxsize=None)
-def kernels() -> ModuleType:
-    """The kernel module (imports numba; compiled kernels load from numba's on-disk cache)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"the numba scan backend needs numba: {INSTALL_HINT}") from error
-    from lkm_unet.ops import selective_scan_numba_kernels
-
-    return selective_scan_numba_kernels
-
-
-def is_available() -> bool:
-    """Whether numba imports here (the kernels themselves compile on first use)."""
-    try:
-        kernels()
-    except ImportError:
-        return False
-    return True
 
 
 def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:
     """Shape of the chunk-start states :func:`scan_fwd` returns: ``(b, d, ceil(l / CHUNK), n)``."""
-    return (batch, dim, math.ceil(seqlen / CHUNK), dstate)
+    return (batch, dim, -(-seqlen // CHUNK), dstate)  # integer ceil: sizes may be symbolic
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -68,7 +48,7 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     softplus (kept for its derivative); absent ``z`` / ``raw`` are empty ``(b, d, 0)`` arrays, absent
     ``D`` zeros."""
     dtype = _compute_dtype(u)
-    lo, tiny = kernels().FLUSH[torch.empty(0, dtype=dtype).numpy().dtype]
+    lo, tiny = kernels.FLUSH[torch.empty(0, dtype=dtype).numpy().dtype]
     batch, dim, _ = u.shape
     raw = delta.detach().to(dtype)
     if delta_bias is not None:
@@ -98,7 +78,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     batch, dim, length = u.shape
     out = torch.empty(batch, dim, length, dtype=op["u"].dtype)
     states = torch.empty(states_shape(batch, dim, length, A.shape[1]), dtype=op["u"].dtype)
-    kernels().scan_fwd_kernel(*_np(op["dt"], op["u"], op["z"], op["A"], op["Bt"], op["Ct"], op["D"],
+    kernels.scan_fwd_kernel(*_np(op["dt"], op["u"], op["z"], op["A"], op["Bt"], op["Ct"], op["D"],
                                    op["consts"], out, states), CHUNK)
     return out.to(u.dtype), states
 
@@ -106,8 +86,6 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 def channel_groups(batch: int, dim: int) -> int:
     """Parallel jobs of the backward are (batch row, channel group) pairs: enough groups that a small
     batch still feeds every thread (each group holds its own dB, dC partial sums, ``(b, l, n)`` each)."""
-    import numba
-
     return max(1, min(dim, math.ceil(2 * numba.get_num_threads() / batch)))
 
 
@@ -125,7 +103,7 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     dA = torch.zeros(batch, dim, n, dtype=dtype)
     dD, ddelta_bias = torch.empty(batch, dim, dtype=dtype), torch.empty(batch, dim, dtype=dtype)
     dB, dC = torch.zeros(groups, batch, length, n, dtype=dtype), torch.zeros(groups, batch, length, n, dtype=dtype)
-    kernels().scan_bwd_kernel(
+    kernels.scan_bwd_kernel(
         *_np(op["dt"], op["u"], op["z"], op["raw"], op["A"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype),
              _dense(states, dtype), op["consts"]),
         CHUNK, groups, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC))

@@ -48,8 +48,8 @@ def _int32_as_float32(typingctx, bits):
 
 @njit(inline="always", fastmath=True)
 def exp_poly(x):
-    """exp(x) for fp32 x, branch-free so that a loop of it vectorises; x is clamped to [-86, 88] (results
-    stay normal numbers: below exp(-86) ~ 4e-38 nothing is denormal-free, above exp(88) is inf)."""
+    """exp(x) for fp32 x, branch-free so that a loop of it vectorises. x is clamped to [-86, 88]: the
+    result stays a normal number (exp(-86) ~ 4e-38; exp(89) would overflow)."""
     x = max(min(x, np.float32(88.0)), np.float32(-86.0))
     k = np.floor(x * np.float32(1.44269504) + np.float32(0.5))  # x = k ln2 + r, |r| <= ln2 / 2
     r = x - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)  # ln2 in two parts
