@@ -113,7 +113,7 @@ def status(name: str, device_type: str) -> str:
     where = DEVICES[name]
     if device_type != where and not (name == "triton" and device_type == "cpu" and interpreting()):
         return f"it computes on {where} tensors, these are {device_type} tensors"
-    if where == "cuda" and not torch.cuda.is_available():
+    if where == "cuda" and device_type == "cuda" and not torch.cuda.is_available():
         return "torch sees no CUDA device"
     mod, reason = load(name)
     if mod is None:

@@ -128,3 +128,43 @@ def test_import_and_cpu_scan_without_mamba_ssm_or_triton() -> None:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_available_backends_names_every_backend_with_a_reason() -> None:
+    backends_now = available_backends()
+    assert list(backends_now) == ["torch", "ref", "cuda", "triton", "numba"]
+    if not torch.cuda.is_available():
+        assert backends_now["triton"].startswith("torch sees no CUDA device")
+
+
+@pytest.mark.parametrize("usable,expected", [({"cuda", "triton"}, "cuda"), ({"triton"}, "triton"), (set(), "torch")])
+def test_auto_order_on_cuda_tensors_and_the_line_that_says_why(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, usable: set, expected: str) -> None:
+    """cuda, else triton, else torch; the reasons of the skipped backends are in one line."""
+    monkeypatch.setattr(backends, "status", lambda name, device: "ok" if name in usable | {"torch"} else f"no {name}")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="lkm_unet"):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert dispatch.resolve_backend("auto", torch.device("cuda")) == expected
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] + \
+        [r.getMessage() for r in caplog.records]
+    if expected == "cuda":
+        assert messages == []
+    elif expected == "triton":
+        assert messages == ["selective_scan: using the triton backend on CUDA because cuda: no cuda"]
+    else:
+        assert len(messages) == 1
+        assert messages[0].startswith("selective_scan: using the torch backend on CUDA because cuda: no cuda; "
+                                      "triton: no triton; for a faster scan")
+
+
+def test_forced_backend_that_cannot_run_falls_back_along_the_auto_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "status", lambda name, device: "ok" if name in ("triton", "torch") else f"no {name}")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.warns(RuntimeWarning, match=r"backend 'cuda' cannot run on cuda tensors here \(cuda: no cuda\); "
+                                            r"using the triton backend"):
+        assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert dispatch.resolve_backend("triton", torch.device("cuda")) == "triton"
