@@ -210,6 +210,6 @@ def selective_scan_torch(
         h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
         y_t  = <C_t, h_t> + D * u_t;   y = y * silu(z) if z is given
     """
-    from lkm_unet.ops.selective_scan import selective_scan  # the dispatcher imports this module
+    from lkm_unet.ops.selective_scan import selective_scan  # here: the dispatcher loads this module lazily
 
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend="torch")
