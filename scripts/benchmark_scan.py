@@ -1,14 +1,17 @@
-"""Benchmark the selective scan on the CPU: the torch backend against the sequential oracle and two floors.
+"""Benchmark the selective scan on the CPU: the fused numba kernel and the torch backend against the
+sequential oracle and two floors, whole training steps against the conv backbone, and numba's JIT cost.
 
-Prints a markdown table and writes it into ``docs/benchmarks.md`` (section "Selective scan (CPU)").
-Every input is fp32 with ``delta_softplus``, ``D``, ``z`` and ``delta_bias`` (the network's call), n = 16.
+Prints markdown tables and writes them into ``docs/benchmarks.md`` (section "Selective scan (CPU)").
+Every scan input is fp32 with ``delta_softplus``, ``D``, ``z`` and ``delta_bias`` (the network's call),
+n = 16. The step table comes from ``scripts/benchmark_step.py``.
 
-    python scripts/benchmark_scan.py            # full run, a few minutes, updates docs/benchmarks.md
+    python scripts/benchmark_scan.py            # full run, about half an hour, updates docs/benchmarks.md
     python scripts/benchmark_scan.py --quick    # smoke run on small shapes, writes nothing
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -16,6 +19,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,16 +29,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import benchmark_step  # noqa: E402
+from lkm_unet.ops import available_backends, selective_scan  # noqa: E402
 from lkm_unet.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
 from lkm_unet.ops.selective_scan_torch import selective_scan_torch  # noqa: E402
 
+selective_scan_numba = functools.partial(selective_scan, backend="numba")
+
 N_STATE = 16
+ARITHMETIC_NS = 0.27  # ns per b d l n element, fwd+bwd, 2 cores (SCAN-FACTS: flops at the measured peak)
 SECTION = "## Selective scan (CPU)"
 # (b, d, l) and how often to time the oracle's fwd+bwd (0: not tried; about 100 s at (64, 64, 1600) on an
 # idle machine, and at l = 26880 its backward does not finish)
 FULL = [((2, 64, 1600), 3), ((4, 64, 1600), 3), ((64, 64, 1600), 0), ((1600, 64, 64), 1),
         ((400, 256, 16), 1), ((1, 64, 26880), 0), ((1, 640, 840), 1)]
 QUICK = [((2, 64, 256), 1), ((1, 64, 2000), 0)]
+STEP_CASES = {"full": (("demo", 5), ("paper2d", 3)), "quick": (("demo", 1),)}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -96,19 +106,22 @@ torch.set_num_threads({threads})
 import benchmark_scan as bs
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-bs.training_step(bs.selective_scan_torch, bs.make_inputs(1, 8, 300), torch.randn(1, 8, 300))  # one-time init
+scan = getattr(bs, {scan!r})
+bs.training_step(scan, bs.make_inputs(1, 8, 300), torch.randn(1, 8, 300))  # one-time init (and JIT)
 x = bs.make_inputs({b}, {d}, {l})
 dy = torch.randn({b}, {d}, {l})
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM) to the current RSS
 before = status("VmRSS")
-bs.training_step(bs.selective_scan_torch, x, dy)
+bs.training_step(scan, x, dy)
 print((status("VmHWM") - before) / 1024)
 """
 
 
-def peak_memory_mib(b: int, d: int, l: int, threads: int) -> Optional[float]:
-    """Growth of the peak RSS during one torch-backend fwd+bwd, in a fresh process (Linux only)."""
-    code = _PEAK_SCRIPT.format(root=str(ROOT), scripts=str(ROOT / "scripts"), threads=threads, b=b, d=d, l=l)
+def peak_memory_mib(b: int, d: int, l: int, threads: int, scan: str) -> Optional[float]:
+    """Growth of the peak RSS during one fwd+bwd of ``scan`` (a name in this module), in a fresh process
+    (Linux only)."""
+    code = _PEAK_SCRIPT.format(root=str(ROOT), scripts=str(ROOT / "scripts"), threads=threads, b=b, d=d, l=l,
+                               scan=scan)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     return float(result.stdout.strip()) if result.returncode == 0 else None
 
@@ -136,32 +149,76 @@ def ref_ms(b: int, d: int, l: int, repeats: int, threads: int, limit_s: float) -
 
 
 def bench_shape(shape: tuple[int, int, int], ref_repeats: int, repeats: int, threads: int,
-                ref_limit_s: float) -> dict:
+                ref_limit_s: float, fused: bool) -> dict:
     b, d, l = shape
     inputs = make_inputs(b, d, l)
     dy = torch.randn(b, d, l, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        fwd = median_ms(lambda: selective_scan_torch(*inputs, delta_softplus=True), repeats)
-    fwd_bwd = median_ms(lambda: training_step(selective_scan_torch, inputs, dy), repeats)
-    ref = ref_ms(b, d, l, ref_repeats, threads, ref_limit_s) if ref_repeats else None
-    copy, eager = floors_ms(b, d, l, repeats)
-    return {"shape": shape, "ref": ref, "fwd": fwd, "fwd_bwd": fwd_bwd, "copy": copy, "eager": eager,
-            "peak_mib": peak_memory_mib(b, d, l, threads)}
+    row = {"shape": shape}
+    for name, scan in (("torch", selective_scan_torch), ("numba", selective_scan_numba)):
+        if name == "numba" and not fused:
+            row["numba_fwd"] = row["numba"] = row["numba_peak_mib"] = None
+            continue
+        with torch.no_grad():
+            row[f"{name}_fwd"] = median_ms(lambda: scan(*inputs, delta_softplus=True), repeats)
+        row[name] = median_ms(lambda: training_step(scan, inputs, dy), repeats)
+        row[f"{name}_peak_mib"] = peak_memory_mib(b, d, l, threads, f"selective_scan_{name}")
+    row["ref"] = ref_ms(b, d, l, ref_repeats, threads, ref_limit_s) if ref_repeats else None
+    row["copy"], row["eager"] = floors_ms(b, d, l, repeats)
+    row["arithmetic"] = ARITHMETIC_NS * 1e-6 * b * d * l * N_STATE
+    return row
+
+
+def _ms(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(a: Optional[float], b: Optional[float], digits: int = 1) -> str:
+    return "—" if a is None or b is None else f"{a / b:.{digits}f}x"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape (b, d, l) | ref fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | speed-up vs ref "
-             "| bytes-moved floor ms | x floor | eager floor ms | x eager | peak extra MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape (b, d, l) | ref fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | numba fwd ms "
+             "| numba fwd+bwd ms | numba vs torch | arithmetic floor ms | numba x arithmetic | eager floor ms "
+             "| numba x eager | torch x eager | peak extra MiB torch / numba |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ref = "—" if r["ref"] is None else f"{r['ref']:.0f}"
-        speedup = "—" if r["ref"] is None else f"{r['ref'] / r['fwd_bwd']:.0f}x"
-        peak = "—" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(
-            f"| ({', '.join(map(str, r['shape']))}) | {ref} | {r['fwd']:.1f} | {r['fwd_bwd']:.1f} | {speedup} "
-            f"| {r['copy']:.2f} | {r['fwd_bwd'] / r['copy']:.0f}x | {r['eager']:.1f} "
-            f"| {r['fwd_bwd'] / r['eager']:.1f}x | {peak} |")
+            f"| ({', '.join(map(str, r['shape']))}) | {_ms(r['ref'], 0)} | {_ms(r['torch_fwd'])} | {_ms(r['torch'])} "
+            f"| {_ms(r['numba_fwd'])} | {_ms(r['numba'])} | {_ratio(r['torch'], r['numba'])} "
+            f"| {r['arithmetic']:.2f} | {_ratio(r['numba'], r['arithmetic'])} | {r['eager']:.1f} "
+            f"| {_ratio(r['numba'], r['eager'])} | {_ratio(r['torch'], r['eager'])} "
+            f"| {_ms(r['torch_peak_mib'], 0)} / {_ms(r['numba_peak_mib'], 0)} |")
     return "\n".join(lines)
+
+
+_JIT_SCRIPT = """
+import sys, time
+start = time.perf_counter()
+import torch
+sys.path[:0] = [{root!r}, {scripts!r}]
+torch.set_num_threads({threads})
+import benchmark_scan as bs
+x, dy = bs.make_inputs(2, 4, 70), torch.randn(2, 4, 70)
+timed = []
+for _ in range(2):
+    t = time.perf_counter()
+    bs.training_step(bs.selective_scan_numba, x, dy)
+    timed.append(time.perf_counter() - t)
+print(timed[0] - timed[1])
+"""
+
+
+def jit_seconds(threads: int) -> tuple[Optional[float], Optional[float]]:
+    """Seconds the first numba fwd+bwd of a process costs beyond a warm call (import of numba, compiling
+    or loading the fp32 kernels): with an empty on-disk cache, then with the cache that run filled."""
+    code = _JIT_SCRIPT.format(root=str(ROOT), scripts=str(ROOT / "scripts"), threads=threads)
+    results = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+            results.append(float(run.stdout.strip()) if run.returncode == 0 else None)
+    return results[0], results[1]
 
 
 def machine() -> str:
@@ -189,51 +246,71 @@ def write_section(path: Path, body: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat, nothing written")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of the torch backend (median)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes, one repeat, the demo step only, nothing written")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each backend (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and numba threads")
     parser.add_argument("--ref-limit", type=float, default=150.0,
                         help="seconds allowed for all of one shape's oracle repeats; '—' when exceeded")
+    parser.add_argument("--no-steps", action="store_true", help="skip the whole-step table")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # before numba is imported (the first numba call)
     torch.set_num_threads(args.threads)
+    fused = available_backends()["numba"] == "ok"
     shapes = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
     load_before = os.getloadavg()
     started = time.perf_counter()
+    jit_cold, jit_cached = jit_seconds(args.threads) if fused else (None, None)
+    print(f"numba first-call cost: {_ms(jit_cold, 1)} s with an empty cache, {_ms(jit_cached, 2)} s cached",
+          flush=True)
     rows = []
     for shape, ref_repeats in shapes:
-        rows.append(bench_shape(shape, ref_repeats, repeats, args.threads, args.ref_limit))
+        rows.append(bench_shape(shape, ref_repeats, repeats, args.threads, args.ref_limit, fused))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    steps = []
+    for case, n_steps in ([] if args.no_steps else STEP_CASES["quick" if args.quick else "full"]):
+        steps.append(benchmark_step.time_steps(case, False, "—", n_steps))
+        for backend in ("numba", "torch") if fused else ("torch",):
+            steps.append(benchmark_step.time_steps(case, True, backend, n_steps))
+        print(benchmark_step.step_table(steps[-3:]), flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = "python scripts/benchmark_scan.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     load = ", ".join(f"{a:.1f}" for a in load_before) + " -> " + ", ".join(f"{a:.1f}" for a in os.getloadavg())
     body = "\n".join([
         SECTION, "",
-        f"Produced by `{command}` ({minutes:.1f} min) on {machine()}. 1-minute load average before and after "
-        f"(1, 5, 15 min): {load}; other processes share the cores, so read ratios within a row, not absolute "
-        "times across runs.", "",
+        f"Produced by `{command}` ({minutes:.1f} min) on {machine()}, numba threads {args.threads}. 1-minute "
+        f"load average before and after (1, 5, 15 min): {load}; other processes share the cores, so read "
+        "ratios within a row, not absolute times across runs.", "",
         f"fp32, n = {N_STATE}, `delta_softplus=True` with `D`, `z` and `delta_bias` (the network's call). "
         f"Medians of {repeats} repeats after a warm-up (the oracle: the repeats given in the script, no "
         "warm-up, in a fresh process; — where it was not tried (minutes; at l = 26880 its backward does not "
         f"finish) or did not finish within {args.ref_limit:.0f} s). fwd is under `torch.no_grad()`; "
         "fwd+bwd is one forward and `backward()` of every input's gradient.", "",
-        "- bytes-moved floor: the time, measured in the same run, of `copy_` between two fp32 buffers of "
-        "(11 b d l + 6 b n l) / 2 elements each: the forward reads u, delta, z, B, C and writes y; the backward "
-        "reads them again with dy and writes du, ddelta, dz, dB, dC. The copy is repeated on the same buffers, "
-        "so for the small shapes it runs from cache: a cache-bandwidth floor there, a memory one for the large.",
+        f"- arithmetic floor: {ARITHMETIC_NS} ns per b d l n element for fwd+bwd (the scan's flops, an exp "
+        "counted as 12, at the 2-core machine's measured fp32 peak).",
         "- eager floor: `torch.exp` over b d l n fp32 elements into a preallocated output, timed in the same "
         "run, x2 for fwd+bwd (the decay exp(dt A) is needed once in the forward and once in the recomputing "
         "backward).",
         "- peak extra MiB: growth of the peak resident set size during one fwd+bwd in a fresh process, over "
         "the resident size with the inputs allocated (VmHWM reset through /proc/self/clear_refs).", "",
         table(rows), "",
+        "numba's first call in a process (importing numba and compiling, or loading, the fp32 kernels; a tiny "
+        f"fwd+bwd minus a warm one): {_ms(jit_cold, 1)} s with an empty on-disk cache, {_ms(jit_cached, 2)} s "
+        "with the cache filled (`cache=True`; `NUMBA_CACHE_DIR` moves it).", "",
+        "### Training step: LKM-UNet against its conv backbone", "",
+        "From `scripts/benchmark_step.py` (its docstring describes the networks): forward, deep-supervised "
+        "cross-entropy, backward and an SGD step in fp32; the median of the timed steps after one warm-up "
+        "step (first step s: the warm-up, with the JIT cost where the cache is cold). The backbone is "
+        "`ResidualEncoderUNet` with the same stages, blocks and decoder, without PiM and PaM.", "",
+        benchmark_step.step_table(steps) if steps else "(skipped)", "",
     ])
     print()
     print(body)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"scan": rows, "steps": steps, "jit_s": [jit_cold, jit_cached]}, indent=1))
     if not args.quick:
         write_section(args.output, body)
 

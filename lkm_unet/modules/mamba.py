@@ -29,6 +29,15 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
+def _project(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight @ x`` per batch item: ``(out, in)`` and ``(b, in, l)`` -> contiguous ``(b, out, l)``.
+
+    ``torch.matmul`` would fold this into one ``(b l, in) @ (in, out)`` product and return a transposed
+    view; ``bmm`` on the expanded weight writes the ``(b, out, l)`` layout itself.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 class Mamba(nn.Module):
     """Mamba-1 block: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated by z) -> out_proj.
 
@@ -108,16 +117,21 @@ class Mamba(nn.Module):
         get dt = 0, so they neither feed nor decay the state (used when a feature map is padded).
         """
         length = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)          # (b, 2 * d_inner, l)
-        x, z = xz.chunk(2, dim=1)
+        # The projections run as (out, in) @ (b, in, l) products, so x, z, delta come out contiguous in the
+        # scan's (b, d, l) layout instead of as transposed views that the conv and the scan copy.
+        features = hidden_states.transpose(1, 2)                   # (b, d_model, l), a view
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+        x, z = _project(w_x, features), _project(w_z, features)   # (b, d_inner, l) each
+        if self.in_proj.bias is not None:
+            b_x, b_z = self.in_proj.bias.chunk(2)
+            x, z = x + b_x[:, None], z + b_z[:, None]
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
         x = self._conv(x, length)
-        x_dbl = self.x_proj(x.transpose(1, 2))                     # (b, l, dt_rank + 2 * d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)     # (b, d_inner, l); bias goes in the scan
+        x_dbl = _project(self.x_proj.weight, x)                    # (b, dt_rank + 2 * d_state, l)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = _project(self.dt_proj.weight, dt)                  # (b, d_inner, l); bias goes in the scan
         A = -torch.exp(self.A_log.float())
-        B, C = B.transpose(1, 2), C.transpose(1, 2)                # (b, d_state, l)
         if mask is None:
             y = selective_scan(x, delta, A, B, C, self.D.float(), z=z,
                                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)

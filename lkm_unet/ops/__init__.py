@@ -1,5 +1,4 @@
 """Selective-scan operators (mamba-ssm's ``selective_scan_fn`` semantics)."""
-from lkm_unet.ops import denormals  # noqa: F401  (FTZ/DAZ on the CPU, see its docstring)
 from lkm_unet.ops.selective_scan import available_backends, scan_backend, selective_scan
 from lkm_unet.ops.selective_scan_ref import selective_scan_ref
 

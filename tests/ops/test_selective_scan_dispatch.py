@@ -50,6 +50,7 @@ def small_args() -> list[torch.Tensor]:
 
 def test_env_var_context_and_argument_select_backend(spies: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     args = small_args()
+    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))  # numba when it is there, else torch
     selective_scan(*args)
     monkeypatch.setenv(dispatch.ENV_VAR, "ref")
     y_ref = selective_scan(*args)
@@ -59,7 +60,6 @@ def test_env_var_context_and_argument_select_backend(spies: list[str], monkeypat
     selective_scan(*args, backend="torch")
     monkeypatch.setenv(dispatch.ENV_VAR, " Torch ")
     selective_scan(*args)
-    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))  # numba when it is there, else torch
     assert spies == [cpu_auto, "ref", "torch", "ref", "torch", "torch"]
     torch.testing.assert_close(y_torch, y_ref, rtol=6e-4, atol=2e-3)  # fp32 tolerance of the oracle tests
 

@@ -1,0 +1,158 @@
+"""Whole training steps on the CPU: LKM-UNet against the same residual backbone without PiM and PaM.
+
+Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runnable alone for one case:
+
+    python scripts/benchmark_step.py demo --backend numba --steps 5
+    python scripts/benchmark_step.py demo --profile       # torch.profiler table of one step
+
+The networks:
+
+- ``demo``: the quickstart's 2D network as ``lkm-unet plans 990 -c 2d --preset auto`` writes it for the
+  demo dataset: a 96 x 96 patch, 5 stages of 32-512 features, one residual block per stage, two decoder
+  convs, windows and pools 24, 12, 12, 6, 6; batch 4 (the quickstart's CPU batch).
+- ``paper2d``: ``LKMUNet.from_preset("paper", "abdomen_mr_2d")``, 320 x 320, batch 2.
+
+The backbone is dynamic-network-architectures' ``ResidualEncoderUNet`` with the same stages, blocks and
+decoder. A step is nnU-Net's: forward, deep-supervised cross-entropy, backward, SGD (lr 1e-2, momentum
+0.99, Nesterov), in fp32 (CPU training runs without autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lkm_unet import LKMUNet  # noqa: E402
+from lkm_unet.ops import scan_backend  # noqa: E402
+from lkm_unet.presets import derive_kernel_sizes, load_config  # noqa: E402
+
+DEMO = {
+    "n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512], "conv_op": "torch.nn.modules.conv.Conv2d",
+    "kernel_sizes": [[3, 3]] * 5, "strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]],
+    "n_blocks_per_stage": [1, 1, 1, 1, 1], "n_conv_per_stage_decoder": [2, 2, 2, 2], "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+}
+# name -> (patch, batch, classes)
+CASES = {"demo": ((96, 96), 4, 4), "paper2d": ((320, 320), 2, 14)}
+BACKBONE_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_blocks_per_stage",
+                 "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "nonlin", "nonlin_kwargs")
+
+
+def architecture(case: str) -> dict:
+    """LKM-UNet constructor kwargs of ``case`` (without input_channels / num_classes)."""
+    if case == "demo":
+        return {**DEMO, **derive_kernel_sizes(CASES["demo"][0], DEMO["strides"], "paper")}
+    stored = load_config("abdomen_mr_2d")
+    return {**stored["architecture"], **stored["presets"]["paper"]}
+
+
+def build(case: str, mamba: bool) -> nn.Module:
+    """LKM-UNet of ``case``, or (``mamba=False``) the same ``ResidualEncoderUNet`` without PiM and PaM."""
+    kwargs = architecture(case)
+    classes = CASES[case][2]
+    torch.manual_seed(0)
+    if mamba:
+        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=True, **kwargs)
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    from pydoc import locate
+
+    backbone = {k: kwargs[k] for k in BACKBONE_KEYS}
+    for key in ("conv_op", "norm_op", "nonlin"):
+        backbone[key] = locate(backbone[key])
+    return ResidualEncoderUNet(input_channels=1, num_classes=classes, deep_supervision=True, **backbone)
+
+
+def make_step(net: nn.Module, case: str):
+    """A closure running one training step (forward, deep-supervised CE, backward, SGD)."""
+    patch, batch, classes = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, *patch, generator=g)
+    target = torch.randint(0, classes, (batch, *patch), generator=g)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        outputs = net(x)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        weights = [1 / 2 ** i for i in range(len(outputs))]
+        if len(weights) > 1:
+            weights[-1] = 0.0
+        total = sum(weights)
+        loss = sum(w / total * nn.functional.cross_entropy(
+            out, nn.functional.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")[:, 0].long())
+            for w, out in zip(weights, outputs))
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def time_steps(case: str, mamba: bool, backend: str, steps: int) -> dict:
+    """Median wall time of ``steps`` training steps after one warm-up step (which includes any JIT)."""
+    net = build(case, mamba)
+    step = make_step(net, case)
+    with scan_backend(backend if mamba else "auto"):
+        start = time.perf_counter()
+        loss = step()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return {"case": case, "net": "LKM-UNet" if mamba else "backbone", "backend": backend if mamba else "—",
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "steps": steps,
+            "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+
+
+def profile(case: str, backend: str, rows: int = 30) -> str:
+    """torch.profiler's table (self CPU time) of one LKM-UNet training step after a warm-up step."""
+    net = build(case, True)
+    step = make_step(net, case)
+    with scan_backend(backend):
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def step_table(results: list[dict]) -> str:
+    lines = ["| network | net | scan backend | params M | step s (median) | min-max s | steps | first step s "
+             "| x backbone |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    backbone = {r["case"]: r["median_s"] for r in results if r["net"] == "backbone"}
+    for r in results:
+        ratio = r["median_s"] / backbone[r["case"]] if r["case"] in backbone else float("nan")
+        lines.append(f"| {r['case']} | {r['net']} | {r['backend']} | {r['params_m']:.1f} | {r['median_s']:.3f} "
+                     f"| {r['min_s']:.3f}-{r['max_s']:.3f} | {r['steps']} | {r['first_s']:.2f} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("--backend", default="auto", help="scan backend of the LKM-UNet steps")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile(args.case, args.backend))
+        return
+    print(step_table([time_steps(args.case, False, "—", args.steps),
+                      time_steps(args.case, True, args.backend, args.steps)]))
+
+
+if __name__ == "__main__":
+    main()

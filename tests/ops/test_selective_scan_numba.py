@@ -1,0 +1,169 @@
+"""The numba backend of the selective scan against the sequential oracle: values, gradients, stability.
+
+Same tolerance table and inputs as the torch backend's tests (``test_selective_scan.py``, mamba-ssm's
+fp32 figures). The first run compiles the kernels (tens of seconds); later runs load numba's disk cache.
+"""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'numba>=0.60,<0.69')")
+
+import lkm_unet.ops.selective_scan_numba as numba_scan  # noqa: E402
+from lkm_unet.ops import selective_scan, selective_scan_ref  # noqa: E402
+from test_selective_scan import NAMES, OPTIONAL, assert_matches_ref, make_inputs, run, tolerance  # noqa: E402
+
+
+def numba_backend(*args, **kwargs) -> torch.Tensor:
+    return selective_scan(*args, **kwargs, backend="numba")
+
+
+@pytest.mark.parametrize("softplus", [False, True])
+@pytest.mark.parametrize("present", list(itertools.product([False, True], repeat=3)),
+                         ids=lambda p: "+".join(k for k, on in zip(OPTIONAL, p) if on) or "bare")
+def test_fp32_matches_ref_every_option(present: tuple[bool, ...], softplus: bool) -> None:
+    inputs = make_inputs(2, 3, 67, 4, softplus=softplus)  # 67 = a chunk of 64 and a remainder of 3
+    for name, on in zip(OPTIONAL, present):
+        if not on:
+            inputs[name] = None
+    assert_matches_ref(inputs, softplus, torch.float32, fn=numba_backend)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 4, 2, 16), (3, 5, 130, 16), (1, 2, 4096, 4)],
+                         ids=lambda s: "b{}-d{}-l{}-n{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_ref_shapes(shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    assert_matches_ref(make_inputs(*shape), True, dtype, fn=numba_backend)
+
+
+def test_fp64_without_options_matches_ref() -> None:
+    inputs = make_inputs(2, 3, 70, 5, softplus=False)
+    for name in OPTIONAL:
+        inputs[name] = None
+    assert_matches_ref(inputs, False, torch.float64, fn=numba_backend)
+
+
+def test_bf16_activations_with_fp32_parameters() -> None:
+    inputs = make_inputs(2, 4, 70, 8)
+    assert_matches_ref(inputs, True, torch.bfloat16, fn=numba_backend)
+    leaves = {k: v.to(torch.float32 if k in ("A", "D", "delta_bias") else torch.bfloat16).requires_grad_()
+              for k, v in inputs.items()}
+    y = numba_backend(*(leaves[k] for k in NAMES), delta_softplus=True)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert {k: v.grad.dtype for k, v in leaves.items()} == {k: v.dtype for k, v in leaves.items()}
+
+
+def test_gradcheck_fp64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_scan, "CHUNK", 3)  # several chunks, and a partial last one
+    for names, softplus in (((*NAMES,), True), (("u", "delta", "A", "B", "C"), False)):
+        inputs = make_inputs(2, 3, 8, 2, softplus=softplus)
+        args = tuple(inputs[k].clone().requires_grad_() if k in names else None for k in NAMES)
+        assert torch.autograd.gradcheck(lambda *a: numba_backend(*a, delta_softplus=softplus), args)
+
+
+def test_states_are_chunk_starts() -> None:
+    inputs = {k: v.float() for k, v in make_inputs(2, 3, 130, 4).items()}
+    out, states = numba_scan.scan_fwd(*(inputs[k] for k in NAMES), True)
+    assert states.shape == numba_scan.states_shape(2, 3, 130, 4) == (2, 3, 3, 4)
+    assert states.dtype == torch.float32 and bool((states[:, :, 0] == 0).all())
+    assert bool((states[:, :, 1:].abs() > 0).any())
+
+
+def test_long_sequence_matches_torch_backend() -> None:
+    """l = 30000 (the oracle's backward is too slow there): output and every gradient against the torch
+    backend, both fp32, within the fp32 tolerance."""
+    inputs = make_inputs(1, 3, 30000, 16, seed=3)
+    w = torch.randn(1, 3, 30000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y, grads = run(numba_backend, inputs, True, torch.float32, w)
+    y_torch, grads_torch = run(lambda *a, **k: selective_scan(*a, **k, backend="torch"), inputs, True,
+                               torch.float32, w)
+    torch.testing.assert_close(y, y_torch, **tolerance(torch.float32, "y"))
+    for name in NAMES:
+        torch.testing.assert_close(grads[name], grads_torch[name], **tolerance(torch.float32, name),
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+def test_large_decay_is_finite_and_matches_ref() -> None:
+    """|A| dt from 0.1 to 4e5: large decays become exact zeros, and nothing becomes inf or NaN."""
+    inputs = make_inputs(2, 4, 150, 8, delta_shift=2.0)
+    inputs["A"] = -torch.logspace(-1, 4, 32, dtype=torch.float64).view(4, 8)
+    inputs["delta"][:, :, ::7] = 40.0  # softplus above its linear threshold
+    y, grads = run(numba_backend, inputs, True, torch.float32, torch.ones(2, 4, 150, dtype=torch.float64))
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert_matches_ref(inputs, True, torch.float32, fn=numba_backend)
+
+
+def test_decaying_states_never_become_denormal() -> None:
+    """One input at t = 0, then pure decay by exp(-0.5) per step: the oracle's fp32 state passes through
+    the denormal range (below 1.2e-38) around step 175; the kernel's states, adjoints and outputs are
+    either normal numbers or exact zeros, and still match the oracle."""
+    b, d, l, n = 1, 2, 400, 4
+    u = torch.zeros(b, d, l, dtype=torch.float64)
+    u[:, :, 0] = 1.0
+    ones = {"dtype": torch.float64}
+    inputs = {"u": u, "delta": torch.ones(b, d, l, **ones), "A": torch.full((d, n), -0.5, **ones),
+              "B": torch.ones(b, n, l, **ones), "C": torch.ones(b, n, l, **ones), "D": None, "z": None,
+              "delta_bias": None}
+    grad_out = torch.zeros(b, d, l, dtype=torch.float64)
+    grad_out[:, :, -1] = 1.0  # the adjoint decays backwards from the last step in the same way
+    y, grads = run(numba_backend, inputs, False, torch.float32, grad_out)
+    smallest_normal = torch.finfo(torch.float32).tiny
+    for name, value in {"y": y, **grads}.items():
+        value = value.float()
+        assert not bool(((value != 0) & (value.abs() < smallest_normal)).any()), name
+    assert bool((y[..., 1:] <= y[..., :-1]).all()) and bool((y[..., -1] == 0).all())  # decays to an exact 0
+    y_ref = selective_scan_ref(*(inputs[k] for k in NAMES), delta_softplus=False)
+    assert bool(((y_ref > 0) & (y_ref < smallest_normal)).any())  # the oracle's values pass through that range
+    torch.testing.assert_close(y, y_ref, **tolerance(torch.float32, "y"))
+
+
+def test_no_grad_forward_equals_training_forward() -> None:
+    inputs = {k: v.float() for k, v in make_inputs(2, 8, 100, 16).items()}
+    with torch.no_grad():
+        y_eval = numba_backend(*(inputs[k] for k in NAMES), delta_softplus=True)
+    y_train = numba_backend(*(inputs[k].requires_grad_() for k in NAMES), delta_softplus=True)
+    torch.testing.assert_close(y_eval, y_train.detach(), rtol=0, atol=0)
+
+
+_SUBPROCESS = textwrap.dedent("""
+    import os, sys, warnings
+    if sys.argv[1] == "blocked":
+        sys.modules["numba"] = None  # as if numba were not installed
+    import torch, lkm_unet
+    from lkm_unet.ops import selective_scan
+    from lkm_unet.ops.selective_scan import resolve_backend
+    print("numba imported by import lkm_unet:", "numba" in sys.modules and sys.modules["numba"] is not None)
+    print("auto on cpu:", resolve_backend("auto", torch.device("cpu")))
+    os.environ["LKM_UNET_SCAN_BACKEND"] = "numba"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print("env numba:", resolve_backend("auto", torch.device("cpu")))
+    print("warnings:", " | ".join(str(w.message) for w in caught))
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(1, 2, 5, generator=g), torch.rand(1, 2, 5, generator=g), -torch.rand(2, 3, generator=g),
+         torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)]
+    print("finite:", bool(torch.isfinite(selective_scan(*x, backend="numba")).all()))
+""")
+
+
+@pytest.mark.parametrize("numba_state", ["installed", "blocked"])
+def test_auto_env_and_fallback_without_numba(numba_state: str) -> None:
+    result = subprocess.run([sys.executable, "-c", _SUBPROCESS, numba_state], capture_output=True, text=True,
+                            check=True)
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["numba imported by import lkm_unet"] == "False"
+    assert lines["finite"] == "True"
+    if numba_state == "installed":
+        assert lines["auto on cpu"] == lines["env numba"] == "numba"
+        assert lines["warnings"] == ""
+    else:
+        assert lines["auto on cpu"] == lines["env numba"] == "torch"
+        assert "backend 'numba' cannot run on cpu tensors here (numba: numba is not installed" in lines["warnings"]
+        assert "using the torch backend" in lines["warnings"]
