@@ -50,3 +50,18 @@ def shrink_windows(pim_kernel_sizes: Sequence[Sequence[int]], feature_sizes: Seq
         aims = [max(1, int(k) // divisor) for k in window]
         shrunk.append([max(d for d in range(1, min(f, a) + 1) if f % d == 0) for f, a in zip(size, aims)])
     return shrunk
+
+
+def ablated_kwargs(arch_kwargs: dict[str, Any], patch_size: Sequence[int], ablation: str | None = None,
+                   window_divisor: int = 1) -> dict[str, Any]:
+    """``arch_kwargs`` with an ablation's switches and PiM windows ``window_divisor`` times smaller
+    (for the feature maps of ``patch_size``); a new dict, the input is not changed."""
+    from lkm_unet.presets import stage_feature_sizes
+
+    kwargs = dict(arch_kwargs)
+    if ablation is not None:
+        kwargs.update(ablation_kwargs(ablation))
+    if window_divisor != 1:
+        maps = stage_feature_sizes(patch_size, kwargs["strides"])
+        kwargs["pim_kernel_sizes"] = shrink_windows(kwargs["pim_kernel_sizes"], maps, window_divisor)
+    return kwargs
