@@ -1,0 +1,102 @@
+"""`lkm-unet compare` end to end on the demo dataset (2 runs, 1 short epoch, 2D, no TTA), and its statistics."""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from scipy.stats import wilcoxon
+
+from nnunet_fixtures import CI_TRAINERS, nnunet_env, run
+from nnunetv2_plugin.analysis.compare import Run, CompareError, training_cost
+from nnunetv2_plugin.analysis.compare_table import wilcoxon_p
+
+CI_NO_MAMBA = CI_TRAINERS + '''
+
+class LKMUNetTrainer_CI_noMamba(LKMUNetTrainer_CI):
+    lkm_arch_overrides = {"use_pim": False, "use_pam": False}
+'''
+RUNS = ["LKMUNetTrainer_CI:nnUNetLKMUNetPlans", "LKMUNetTrainer_CI_noMamba:nnUNetLKMUNetPlans"]
+
+
+def test_wilcoxon_handles_zero_differences_explicitly():
+    assert math.isnan(wilcoxon_p([0.5, 0.7, 0.9], [0.5, 0.7, 0.9]))
+    x, y = [0.9, 0.8, 0.7, 0.6, 0.95, 0.85], [0.9, 0.7, 0.75, 0.5, 0.90, 0.80]   # one zero difference
+    assert wilcoxon_p(x, y) == wilcoxon(x, y).pvalue
+    with pytest.raises(ValueError, match="paired test needs the same cases: 2 values against 3"):
+        wilcoxon_p([1, 2], [1, 2, 3])
+
+
+def test_run_parsing_and_log_parsing(tmp_path):
+    assert Run.parse("nnUNetTrainer:nnUNetResEncUNetMPlans").name == "nnUNetTrainer__nnUNetResEncUNetMPlans"
+    with pytest.raises(CompareError, match="run 'LKMUNetTrainer' is not TRAINER:PLANS"):
+        Run.parse("LKMUNetTrainer")
+    (tmp_path / "training_log_2026_1_1_00_00_00.txt").write_text(
+        "2026-01-01 00:00:01.000000: Epoch time: 10.5 s\n2026-01-01: peak GPU memory: 9000 MiB\n"
+        "2026-01-01 00:00:02.000000: Epoch time: 11.5 s\n2026-01-01: peak GPU memory: 9100 MiB\n")
+    assert training_cost(tmp_path) == {"epoch_s": 11.0, "peak_gpu_mib": 9100.0}
+
+
+def _read(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_compare_end_to_end_on_the_demo_dataset(tmp_path):
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "ci_trainers.py").write_text(CI_NO_MAMBA)
+    env = nnunet_env(tmp_path, ext)
+    run(["lkm-unet", "demo-data", "--num-train", "5", "--num-test", "3"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    run(["lkm-unet", "plans", "990", "-c", "2d", "--batch-size", "2"], env)
+    out = tmp_path / "comparison"
+    args = ["lkm-unet", "compare", "990", "-c", "2d", "--run", RUNS[0], "--run", RUNS[1], "-f", "0",
+            "--device", "cpu", "--disable-tta", "-o", str(out)]
+    result = run(args, env, nnUNet_n_proc_DA="0")
+
+    rows = _read(out / "table.csv")
+    names = [r.replace(":", "__") for r in RUNS]
+    assert [(r["run"], r["organ"]) for r in rows] == \
+        [(n, o) for n in names for o in ("liver", "kidney", "spleen", "mean")]
+    assert all(r["n"] == "3" for r in rows)
+    first, second = rows[:4], rows[4:]
+    assert all(r["DSC_p"] == "nan" and r["NSD_p"] == "nan" for r in first)  # the reference run
+
+    # p-values are scipy's on the per-case table the command wrote
+    per_case = _read(out / "per_case.csv")
+    for row in second:
+        for metric in ("DSC", "NSD"):
+            def values(name):
+                cases = sorted({r["case"] for r in per_case if r["run"] == name})
+                if row["organ"] == "mean":
+                    return [np.mean([float(r[metric]) for r in per_case if r["run"] == name and r["case"] == c])
+                            for c in cases]
+                return [float(r[metric]) for c in cases for r in per_case
+                        if r["run"] == name and r["case"] == c and r["organ"] == row["organ"]]
+            x, y = values(names[1]), values(names[0])
+            expected = math.nan if np.all(np.asarray(x) - np.asarray(y) == 0) else wilcoxon(x, y).pvalue
+            assert (math.isnan(expected) and row[f"{metric}_p"] == "nan") or float(row[f"{metric}_p"]) == expected
+            assert float(row[f"{metric}_mean"]) == pytest.approx(np.mean(x), abs=1e-12)
+
+    # cost columns: profile's parameters (no-Mamba is the backbone alone), epoch time from the logs
+    assert int(first[0]["params"]) > int(second[0]["params"]) > 0
+    assert float(first[0]["gflops"]) > float(second[0]["gflops"]) > 0
+    assert float(first[0]["epoch_s"]) > 0 and first[0]["peak_gpu_mib"] == ""
+    table = (out / "table.md").read_text()
+    assert "| n/a |" in table and "| ref |" in table
+    assert result.stdout.startswith("# Dataset990_LKMUNetDemo, 2d, fold 0: 3 test cases")
+    image = imread(out / "boxplots.png")
+    assert image.shape[0] > 500 and image.shape[1] > 500 and image[..., :3].std() > 0.05
+
+    # a second call refuses to replace the table; --collect-only --force re-collects the same numbers
+    again = run(args, env, check=False)
+    assert again.returncode == 2 and again.stderr.strip() == \
+        f"error: {out / 'table.md'} already exists; pass --force to replace the comparison"
+    collected = run(args + ["--collect-only"] + ["--force"], env)
+    assert "nnUNetv2_train" not in collected.stdout + collected.stderr
+    assert _read(out / "table.csv")[4]["DSC_mean"] == second[0]["DSC_mean"]
+    missing = run(["lkm-unet", "compare", "990", "-c", "2d", "--run", "LKMUNetTrainer_CI:nnUNetPlans", "--collect-only",
+                   "-o", str(tmp_path / "other")], env, check=False)
+    assert missing.returncode == 2
+    assert "run LKMUNetTrainer_CI__nnUNetPlans is not trained:" in missing.stderr
