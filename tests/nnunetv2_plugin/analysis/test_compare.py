@@ -100,3 +100,37 @@ def test_compare_end_to_end_on_the_demo_dataset(tmp_path):
                    "-o", str(tmp_path / "other")], env, check=False)
     assert missing.returncode == 2
     assert "run LKMUNetTrainer_CI__nnUNetPlans is not trained:" in missing.stderr
+
+
+def test_tables_from_synthetic_scores(tmp_path):
+    from nnunetv2_plugin.analysis.compare_table import comparison_rows, write_box_plots, write_tables
+    from nnunetv2_plugin.evaluation import summarize
+
+    rng = np.random.default_rng(0)
+    cases = [f"c{i}" for i in range(6)]
+    per_case = {}
+    for name, shift in (("A", 0.0), ("B", -0.1), ("C", 0.0)):
+        per_case[name] = [{"case": c, "organ": o, "DSC": float(np.clip(0.8 + shift + rng.normal(0, 0.05), 0, 1)),
+                           "NSD": 0.9} for c in cases for o in ("liver", "spleen")]
+    per_case["C"] = [dict(r) for r in per_case["A"]]  # identical to the reference: every difference is zero
+    summaries = {n: summarize(rows, ["liver", "spleen"]) for n, rows in per_case.items()}
+    info = {n: {"trainer": n, "plans": "P", "params": 1000, "gflops": 1.5, "epoch_s": None, "peak_gpu_mib": None}
+            for n in per_case}
+    rows = comparison_rows(per_case, summaries, info)
+    b_liver = next(r for r in rows if r["run"] == "B" and r["organ"] == "liver")
+    expected = wilcoxon([r["DSC"] for r in per_case["B"] if r["organ"] == "liver"],
+                        [r["DSC"] for r in per_case["A"] if r["organ"] == "liver"]).pvalue
+    assert b_liver["DSC_p"] == expected == pytest.approx(0.03125)  # all 6 differences negative: 2 / 2**6
+    assert math.isnan(b_liver["NSD_p"])  # NSD equal everywhere
+    assert all(math.isnan(r["DSC_p"]) for r in rows if r["run"] == "C")
+    write_tables(rows, tmp_path, "# synthetic")
+    table = (tmp_path / "table.md").read_text()
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in table.splitlines() if line.startswith(("| A |", "| B |", "| C |"))}
+    assert [cells[n][1] for n in "ABC"] == ["ref", "0.0312", "n/a"]   # p (DSC)
+    assert [cells[n][3] for n in "ABC"] == ["ref", "n/a", "n/a"]      # p (NSD)
+    assert cells["A"][4:] == ["0.001", "1.50", "n/a", "n/a"]          # parameters, GFLOPs, time, memory
+    write_box_plots(per_case, ["liver", "spleen"], tmp_path / "box.png")
+    assert imread(tmp_path / "box.png")[..., :3].std() > 0.05
+    with pytest.raises(ValueError, match="a paired test needs the same test cases"):
+        comparison_rows({"A": per_case["A"], "B": per_case["B"][:2]}, summaries, info)
