@@ -8,16 +8,16 @@ import pytest
 from matplotlib.image import imread
 from scipy.stats import wilcoxon
 
-from nnunet_fixtures import CI_TRAINERS, nnunet_env, run
+from nnunet_fixtures import CI_TRAINERS, DATASET_ID, run
 from nnunetv2_plugin.analysis.compare import Run, CompareError, training_cost
 from nnunetv2_plugin.analysis.compare_table import wilcoxon_p
 
-CI_NO_MAMBA = CI_TRAINERS + '''
-
-class LKMUNetTrainer_CI_noMamba(LKMUNetTrainer_CI):
-    lkm_arch_overrides = {"use_pim": False, "use_pam": False}
-'''
-RUNS = ["LKMUNetTrainer_CI:nnUNetLKMUNetPlans", "LKMUNetTrainer_CI_noMamba:nnUNetLKMUNetPlans"]
+# the CI trainer's short schedule with the no-Mamba switch, in a module of its own in the ext folder
+CI_NO_MAMBA = CI_TRAINERS.replace("class LKMUNetTrainer_CI(LKMUNetTrainer_1epoch):\n",
+                                  "class LKMUNetTrainer_CI_noMamba(LKMUNetTrainer_1epoch):\n"
+                                  "    lkm_arch_overrides = {'use_pim': False, 'use_pam': False}\n")
+PLANS = "nnUNetLKMUNetPlansCompare"
+RUNS = [f"LKMUNetTrainer_CI:{PLANS}", f"LKMUNetTrainer_CI_noMamba:{PLANS}"]
 
 
 def test_wilcoxon_handles_zero_differences_explicitly():
@@ -42,25 +42,23 @@ def _read(path):
     return list(csv.DictReader(open(path)))
 
 
-def test_compare_end_to_end_on_the_demo_dataset(tmp_path):
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    (ext / "ci_trainers.py").write_text(CI_NO_MAMBA)
-    env = nnunet_env(tmp_path, ext)
-    run(["lkm-unet", "demo-data", "--num-train", "5", "--num-test", "3"], env)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    run(["lkm-unet", "plans", "990", "-c", "2d", "--batch-size", "2"], env)
+def test_compare_end_to_end(planned, tmp_path):
+    """On the session's tiny planned dataset (4 training, 2 test volumes of 16 x 32 x 32): the demo
+    dataset's 96 x 96 slices cost minutes per prediction on 2 CPU cores with the torch scan."""
+    (planned["ext"] / "ci_compare_trainers.py").write_text(CI_NO_MAMBA)
+    env = planned["env"]
+    run(["lkm-unet", "plans", str(DATASET_ID), "-c", "2d", "--target-plans", PLANS], env)
     out = tmp_path / "comparison"
-    args = ["lkm-unet", "compare", "990", "-c", "2d", "--run", RUNS[0], "--run", RUNS[1], "-f", "0",
+    args = ["lkm-unet", "compare", str(DATASET_ID), "-c", "2d", "--run", RUNS[0], "--run", RUNS[1], "-f", "all",
             "--device", "cpu", "--disable-tta", "-o", str(out)]
     result = run(args, env, nnUNet_n_proc_DA="0")
 
     rows = _read(out / "table.csv")
     names = [r.replace(":", "__") for r in RUNS]
     assert [(r["run"], r["organ"]) for r in rows] == \
-        [(n, o) for n in names for o in ("liver", "kidney", "spleen", "mean")]
-    assert all(r["n"] == "3" for r in rows)
-    first, second = rows[:4], rows[4:]
+        [(n, o) for n in names for o in ("blob", "mean")]
+    assert all(r["n"] == "2" for r in rows)
+    first, second = rows[:2], rows[2:]
     assert all(r["DSC_p"] == "nan" and r["NSD_p"] == "nan" for r in first)  # the reference run
 
     # p-values are scipy's on the per-case table the command wrote
@@ -85,7 +83,7 @@ def test_compare_end_to_end_on_the_demo_dataset(tmp_path):
     assert float(first[0]["epoch_s"]) > 0 and first[0]["peak_gpu_mib"] == ""
     table = (out / "table.md").read_text()
     assert "| n/a |" in table and "| ref |" in table
-    assert result.stdout.startswith("# Dataset990_LKMUNetDemo, 2d, fold 0: 3 test cases")
+    assert result.stdout.startswith("# Dataset991_LKMTiny, 2d, fold all: 2 test cases")
     image = imread(out / "boxplots.png")
     assert image.shape[0] > 500 and image.shape[1] > 500 and image[..., :3].std() > 0.05
 
@@ -95,11 +93,11 @@ def test_compare_end_to_end_on_the_demo_dataset(tmp_path):
         f"error: {out / 'table.md'} already exists; pass --force to replace the comparison"
     collected = run(args + ["--collect-only"] + ["--force"], env)
     assert "nnUNetv2_train" not in collected.stdout + collected.stderr
-    assert _read(out / "table.csv")[4]["DSC_mean"] == second[0]["DSC_mean"]
-    missing = run(["lkm-unet", "compare", "990", "-c", "2d", "--run", "LKMUNetTrainer_CI:nnUNetPlans", "--collect-only",
-                   "-o", str(tmp_path / "other")], env, check=False)
+    assert _read(out / "table.csv")[2]["DSC_mean"] == second[0]["DSC_mean"]
+    missing = run(["lkm-unet", "compare", str(DATASET_ID), "-c", "2d", "--run", f"LKMUNetTrainer_CI_noMamba:{PLANS}",
+                   "--collect-only", "-f", "0", "-o", str(tmp_path / "other")], env, check=False)
     assert missing.returncode == 2
-    assert "run LKMUNetTrainer_CI__nnUNetPlans is not trained:" in missing.stderr
+    assert f"run LKMUNetTrainer_CI_noMamba__{PLANS} is not trained:" in missing.stderr
 
 
 def test_tables_from_synthetic_scores(tmp_path):
