@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "nnunetv2_plugin.commands_patch",
     "nnunetv2_plugin.commands_data",
     "nnunetv2_plugin.commands_report",
+    "nnunetv2_plugin.commands_analysis",
 )
 
 

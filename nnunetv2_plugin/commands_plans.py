@@ -20,7 +20,8 @@ def _plans(args: argparse.Namespace) -> int:
     from nnunetv2_plugin.plans_files import write_lkm_plans
     try:
         path, tables = write_lkm_plans(args.dataset, args.configurations, args.preset, args.source_plans,
-                                       args.target_plans, args.shape_policy, args.force, args.batch_size)
+                                       _target_plans(args), args.shape_policy, args.force, args.batch_size,
+                                       args.ablation, args.window_divisor)
     except PlansError as error:
         return report_plans_error(error)
     for name, table in tables.items():
@@ -28,6 +29,18 @@ def _plans(args: argparse.Namespace) -> int:
     print(f"wrote {path}\ntrain with: nnUNetv2_train {args.dataset} <configuration> <fold> -tr LKMUNetTrainer "
           f"-p {path.stem}")
     return 0
+
+
+def _target_plans(args: argparse.Namespace) -> str:
+    """The --target-plans given, else the default named after the ablation (nnUNetLKMUNetPlans_noPiM,
+    nnUNetLKMUNetPlans_windows2), so that an ablation never replaces the full model's plans."""
+    from nnunetv2_plugin import DEFAULT_LKM_PLANS
+    from lkm_unet.ablations import ABLATION_SUFFIXES
+    if args.target_plans is not None:
+        return args.target_plans
+    suffixes = [ABLATION_SUFFIXES[args.ablation]] if args.ablation else []
+    suffixes += [f"windows{args.window_divisor}"] if args.window_divisor != 1 else []
+    return "_".join([DEFAULT_LKM_PLANS, *suffixes])
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -51,11 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="auto", choices=("auto", "paper", "official"),
                    help="auto: derive sizes for this plan (paper rule); paper/official: the paper's stored tables")
     p.add_argument("--source-plans", default="nnUNetPlans", help="plans identifier to read (default nnUNetPlans)")
-    p.add_argument("--target-plans", default=DEFAULT_TARGET_PLANS, help=f"plans identifier to write "
-                   f"(default {DEFAULT_TARGET_PLANS})")
+    p.add_argument("--target-plans", default=None, help=f"plans identifier to write (default "
+                   f"{DEFAULT_TARGET_PLANS}, with _noPiM, _windows2 ... appended for an ablation)")
     p.add_argument("--shape-policy", default="error", choices=("error", "pad"),
                    help="what the network does when a size does not divide a feature map (default error)")
     p.add_argument("--batch-size", type=int, default=None, help="replace the planned batch size")
+    p.add_argument("--ablation", choices=("no-pim", "no-pam", "no-bim", "no-mamba"), default=None,
+                   help="the paper's ablations as arch_kwargs switches: no PiM, no PaM, one scan direction, "
+                        "or the conv backbone alone")
+    p.add_argument("--window-divisor", type=int, default=1, metavar="N",
+                   help="divide every PiM window by N per axis (the paper's kernel-size sweep; default 1)")
     p.add_argument("--force", action="store_true", help="overwrite an existing target plans file")
     p.set_defaults(func=_plans)
 

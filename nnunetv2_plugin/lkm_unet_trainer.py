@@ -16,6 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from lkm_unet import LKMUNet
+from lkm_unet.ablations import ablation_kwargs
 from lkm_unet.ops.selective_scan import available_backends, resolve_backend
 from nnunetv2_plugin.plans import resolve_architecture, stage_table
 
@@ -35,6 +36,8 @@ class LKMUNetTrainer(nnUNetTrainer):
     lkm_num_epochs: Optional[int] = None
     #: False trains on the full-resolution output only
     lkm_deep_supervision = True
+    #: LKMUNet kwargs that replace the plans' arch_kwargs (the ablation trainers, lkm_unet.ablations)
+    lkm_arch_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")) -> None:
@@ -46,7 +49,8 @@ class LKMUNetTrainer(nnUNetTrainer):
             self.grad_scaler = None
         # Fail on bad plans now, before nnU-Net unpacks or loads any data.
         where = f"plans {self.plans_manager.plans_name!r}, configuration {self.configuration_name!r}"
-        architecture, origin, rows = resolve_architecture(self.configuration_manager, where, self.lkm_preset)
+        architecture, origin, rows = resolve_architecture(self.configuration_manager, where, self.lkm_preset,
+                                                          self.lkm_arch_overrides)
         kwargs = architecture["arch_kwargs"]
         backend = resolve_backend("auto", self.device)
         fell_back = self.device.type == "cuda" and backend != "cuda"
@@ -68,12 +72,18 @@ class LKMUNetTrainer(nnUNetTrainer):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         """Used by training and by ``nnUNetv2_predict`` (with ``enable_deep_supervision=False``)."""
         architecture, _, _ = resolve_architecture(configuration_manager, f"plans {plans_manager.plans_name!r}",
-                                                  cls.lkm_preset)
+                                                  cls.lkm_preset, cls.lkm_arch_overrides)
         network = LKMUNet(input_channels=num_input_channels, num_classes=num_output_channels,
                           deep_supervision=enable_deep_supervision, **architecture["arch_kwargs"])
         network.apply(network.initialize)
         network.allow_autocast = cls.lkm_allow_autocast
         return network
+
+    def on_epoch_end(self) -> None:
+        if self.device.type == "cuda" and self.local_rank == 0:
+            # nnU-Net does not log memory; `lkm-unet compare` reads this line.
+            self.print_to_log_file(f"peak GPU memory: {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB")
+        super().on_epoch_end()
 
     def _do_i_compile(self) -> bool:
         """Off unless ``nnUNet_compile`` asks for it. The scan is a custom op that breaks the graph at
@@ -96,6 +106,26 @@ class LKMUNetTrainerNoDeepSupervision(LKMUNetTrainer):
 class LKMUNetTrainerNoAMP(LKMUNetTrainer):
     """Everything in fp32 (the SSM parts are fp32 in every trainer)."""
     lkm_allow_autocast = False
+
+
+class LKMUNetTrainer_noPiM(LKMUNetTrainer):
+    """The paper's ablation without the pixel-level SSM."""
+    lkm_arch_overrides = ablation_kwargs("no-pim")
+
+
+class LKMUNetTrainer_noPaM(LKMUNetTrainer):
+    """The paper's ablation without the patch-level SSM."""
+    lkm_arch_overrides = ablation_kwargs("no-pam")
+
+
+class LKMUNetTrainer_noBiM(LKMUNetTrainer):
+    """The paper's ablation with one scan direction in every BiMamba."""
+    lkm_arch_overrides = ablation_kwargs("no-bim")
+
+
+class LKMUNetTrainer_noMamba(LKMUNetTrainer):
+    """Neither PiM nor PaM: the same residual backbone, trained the same way."""
+    lkm_arch_overrides = ablation_kwargs("no-mamba")
 
 
 class LKMUNetTrainer_1epoch(LKMUNetTrainer):
@@ -156,8 +186,15 @@ class LKMUNetTrainer_demo(LKMUNetTrainer):
         super().on_train_epoch_end(train_outputs)
 
 
+class LKMUNetTrainer_demo_noMamba(LKMUNetTrainer_demo):
+    """The quickstart's schedule for the no-Mamba ablation (docs/comparing.md)."""
+    lkm_arch_overrides = ablation_kwargs("no-mamba")
+
+
 TRAINERS = (
     "LKMUNetTrainer", "nnUNetTrainerLKMUNet", "LKMUNetTrainerNoDeepSupervision", "LKMUNetTrainerNoAMP",
     "LKMUNetTrainer_1epoch", "LKMUNetTrainer_5epochs", "LKMUNetTrainer_10epochs", "LKMUNetTrainer_50epochs",
     "LKMUNetTrainer_100epochs", "LKMUNetTrainer_250epochs", "LKMUNetTrainer_demo",
+    "LKMUNetTrainer_noPiM", "LKMUNetTrainer_noPaM", "LKMUNetTrainer_noBiM", "LKMUNetTrainer_noMamba",
+    "LKMUNetTrainer_demo_noMamba",
 )

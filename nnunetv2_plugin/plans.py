@@ -29,7 +29,10 @@ LKM_NETWORK_CLASS = "lkm_unet.nets.lkm_unet.LKMUNet"
 PLANS_PRESETS = ("auto", *PRESETS)
 REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 STORED_CONFIG_OF_DIM = {3: "abdomen_ct_3d", 2: "abdomen_mr_2d"}
-LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand")
+LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand",
+            "use_pim", "use_pam", "bidirectional")
+# The ablation switches (lkm_unet.ablations), written explicitly so that a user can flip them in the JSON.
+ABLATION_DEFAULTS = {"use_pim": True, "use_pam": True, "bidirectional": True}
 # Backbone kwargs shared by nnU-Net's U-Nets and LKMUNet; everything else of the source plan is dropped.
 BACKBONE_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage_decoder",
                  "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin",
@@ -77,7 +80,7 @@ def lkm_architecture(configuration: ConfigurationManager, preset: str = "auto",
                              f"paper's {name} set-up, but this plan has {kwargs['n_stages']} stages; "
                              f"use preset 'auto' to derive sizes for this plan")
     kwargs.update(lkm)
-    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2})
+    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2, **ABLATION_DEFAULTS})
     return {"network_class_name": LKM_NETWORK_CLASS, "arch_kwargs": kwargs,
             "_kw_requires_import": list(REQUIRES_IMPORT)}
 
@@ -110,10 +113,10 @@ def validate_architecture(architecture: dict[str, Any], patch_size: list[int], w
     return network.validate_input_size(patch_size)
 
 
-def resolve_architecture(configuration: ConfigurationManager, where: str,
-                         preset: str = "auto") -> tuple[dict[str, Any], str, list[dict]]:
+def resolve_architecture(configuration: ConfigurationManager, where: str, preset: str = "auto",
+                         overrides: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], str, list[dict]]:
     """The architecture to build for a configuration, where it came from ('plans' or 'derived ...'),
-    and its validated per-stage table."""
+    and its validated per-stage table. ``overrides`` (an ablation trainer's kwargs) replace arch_kwargs."""
     if is_lkm_architecture(configuration):
         architecture = {"network_class_name": configuration.network_arch_class_name,
                         "arch_kwargs": configuration.network_arch_init_kwargs,
@@ -122,6 +125,9 @@ def resolve_architecture(configuration: ConfigurationManager, where: str,
     else:
         architecture = lkm_architecture(configuration, preset)
         origin = f"derived ({preset}) from {configuration.network_arch_class_name.split('.')[-1]}"
+    if overrides:
+        architecture = {**architecture, "arch_kwargs": {**architecture["arch_kwargs"], **overrides}}
+        origin += f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}"
     rows = validate_architecture(architecture, list(configuration.patch_size), where)
     return architecture, origin, rows
 
@@ -132,8 +138,8 @@ def stage_table(rows: list[dict], grouping: Optional[str] = None) -> str:
     for r in rows:
         pads = "none" if not any(r["pim_padding"] + r["pam_padding"]) else \
             f"PiM {r['pim_padding']} PaM {r['pam_padding']}"
-        lines.append(f"{r['stage']:>5}  {str(r['feature_size']):<16} {str(r['pim_kernel_size']):<14} "
-                     f"{str(r['pam_pool_size']):<14} {pads}")
+        pim, pam = (str(r[k]) if r[k] is not None else "off" for k in ("pim_kernel_size", "pam_pool_size"))
+        lines.append(f"{r['stage']:>5}  {str(r['feature_size']):<16} {pim:<14} {pam:<14} {pads}")
     if grouping:
         lines.append(f"PiM grouping: {grouping}")
     return "\n".join(lines)

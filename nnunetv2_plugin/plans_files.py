@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from lkm_unet.ablations import ablated_kwargs
 from nnunetv2_plugin.plans import PlansError, lkm_architecture, stage_table, validate_architecture
 
 logger = logging.getLogger("lkm_unet")
@@ -43,11 +44,13 @@ def _configurations(plans: dict, requested: Optional[Sequence[str]], path: Path)
 def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] = None, preset: str = "auto",
                     source_plans: str = "nnUNetPlans", target_plans: str = DEFAULT_TARGET_PLANS,
                     shape_policy: str = "error", force: bool = False,
-                    batch_size: Optional[int] = None) -> tuple[Path, dict[str, str]]:
+                    batch_size: Optional[int] = None, ablation: Optional[str] = None,
+                    window_divisor: int = 1) -> tuple[Path, dict[str, str]]:
     """Copy ``source_plans`` to ``target_plans`` with an LKM-UNet architecture in each configuration.
 
     ``batch_size`` replaces the planned batch size (LKM-UNet needs more memory per sample than the
-    U-Net nnU-Net planned for).
+    U-Net nnU-Net planned for). ``ablation`` (``no-pim``, ``no-pam``, ``no-bim``, ``no-mamba``) and
+    ``window_divisor`` write the paper's ablations into arch_kwargs (:mod:`lkm_unet.ablations`).
 
     Returns the written path and, per configuration, the per-stage table. Never overwrites an existing
     file unless ``force``; the source file is only read.
@@ -67,6 +70,11 @@ def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] 
     for name in _configurations(plans, configurations, source):
         configuration = manager.get_configuration(name)
         architecture = lkm_architecture(configuration, preset, shape_policy)
+        try:
+            architecture["arch_kwargs"] = ablated_kwargs(architecture["arch_kwargs"], configuration.patch_size,
+                                                         ablation, window_divisor)
+        except ValueError as error:
+            raise PlansError(f"{target}, configuration {name!r}: {error}") from None
         where = f"{target}, configuration {name!r}"
         rows = validate_architecture(architecture, list(configuration.patch_size), where)
         plans["configurations"][name]["architecture"] = architecture

@@ -16,13 +16,17 @@ class BiMamba(nn.Module):
 
     Input and output: ``(batch, length, dim)``. Runs in fp32 under autocast and returns the autocast
     dtype. ``mask`` (batch, length), True for real tokens, keeps padded tokens out of the scan.
+    ``bidirectional=False`` (the paper's "no BiM" ablation) builds only ``forward_mixer``; the shared
+    out_proj stays.
     """
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 bidirectional: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.forward_mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, out_proj=False)
-        self.backward_mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, out_proj=False)
+        self.backward_mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, out_proj=False) \
+            if bidirectional else None
         self.out_proj = nn.Linear(self.forward_mixer.d_inner, dim, bias=False)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -30,6 +34,8 @@ class BiMamba(nn.Module):
 
     def _mix(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         x = self.norm(x)
-        flipped_mask = None if mask is None else mask.flip(1)
-        y = self.forward_mixer.mix(x, mask) + self.backward_mixer.mix(x.flip(1), flipped_mask).flip(1)
+        y = self.forward_mixer.mix(x, mask)
+        if self.backward_mixer is not None:
+            flipped_mask = None if mask is None else mask.flip(1)
+            y = y + self.backward_mixer.mix(x.flip(1), flipped_mask).flip(1)
         return self.out_proj(y)

@@ -23,7 +23,8 @@ class SpatialSSM(nn.Module):
 
     def __init__(self, dim: int, size: int | Sequence[int], shape_policy: str = "pad", d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, spatial_dims: Optional[int] = None,
-                 where: Optional[str] = None, input_stride: Optional[Sequence[int]] = None) -> None:
+                 where: Optional[str] = None, input_stride: Optional[Sequence[int]] = None,
+                 bidirectional: bool = True) -> None:
         super().__init__()
         if spatial_dims is None and not isinstance(size, int):
             spatial_dims = len(size)
@@ -36,7 +37,7 @@ class SpatialSSM(nn.Module):
         self.shape_policy = check_policy(shape_policy)
         self.where = where or type(self).__name__
         self.input_stride = None if input_stride is None else tuple(input_stride)
-        self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
 
     def _sizes(self, ndim: int) -> tuple[int, ...]:
         if self.spatial_dims is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,15 +15,22 @@ from lkm_unet.modules.pixel_ssm import PixelSSM
 
 
 class LKMStage(nn.Module):
-    """The two SSM blocks that follow a stage's residual convolutions: PiM, then PaM (paper Fig. 1)."""
+    """The two SSM blocks that follow a stage's residual convolutions: PiM, then PaM (paper Fig. 1).
 
-    def __init__(self, pim: PixelSSM, pam: PatchSSM) -> None:
+    Either may be None (the paper's "no PiM" / "no PaM" ablations); with both None the stage is the
+    identity and holds no parameters.
+    """
+
+    def __init__(self, pim: Optional[PixelSSM], pam: Optional[PatchSSM]) -> None:
         super().__init__()
         self.pim = pim
         self.pam = pam
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pam(self.pim(x))
+        for block in (self.pim, self.pam):
+            if block is not None:
+                x = block(x)
+        return x
 
 
 class LKMEncoder(ResidualEncoder):
@@ -51,12 +58,19 @@ class LKMEncoder(ResidualEncoder):
         size = list(input_size)
         for stride, channels, lkm in zip(self.strides, self.output_channels, self.lkm_stages):
             size = [s // k for s, k in zip(size, stride)]
-            pixels = math.prod(size)
-            pooled = math.prod(-(-s // p) for s, p in zip(size, lkm.pam.pool_size))
-            # BiMamba keeps, per token and direction, ~6 tensors of d_inner = expand * C (projections,
-            # conv, gate, scan output); the residual adds one map of C.
-            per_token = channels * (1 + 2 * 6 * lkm.pim.mixer.forward_mixer.expand)
-            total += np.int64((pixels + pooled) * per_token)
+            tokens = {"pim": math.prod(size)}
+            if lkm.pam is not None:
+                tokens["pam"] = math.prod(-(-s // p) for s, p in zip(size, lkm.pam.pool_size))
+            for name, count in tokens.items():
+                block = getattr(lkm, name)
+                if block is None:
+                    continue
+                mixer = block.mixer
+                directions = 1 if mixer.backward_mixer is None else 2
+                # BiMamba keeps, per token and direction, ~6 tensors of d_inner = expand * C (projections,
+                # conv, gate, scan output); the residual adds one map of C.
+                per_token = channels * (1 + directions * 6 * mixer.forward_mixer.expand)
+                total += np.int64(count * per_token)
         return total
 
 

@@ -47,6 +47,10 @@ class LKMUNet(nn.Module):
     - ``pim_grouping``: ``"window"`` (the paper) or ``"strided"`` (the released code), SPEC 4.
     - ``shape_policy``: ``"pad"`` or ``"error"`` when a size does not divide a feature map.
     - ``d_state``, ``d_conv``, ``expand``: the Mamba mixers' sizes.
+    - ``use_pim``, ``use_pam``, ``bidirectional``: the paper's ablations (Sec. 3, Table 3). False drops
+      PiM, PaM, or the backward scan of every BiMamba; with ``use_pim=use_pam=False`` ("no Mamba") the
+      network is the residual backbone alone, with ``ResidualEncoderUNet``'s parameters. Window or
+      pool sizes of a block that is off are neither needed nor checked.
 
     All kwargs are JSON-safe (classes may be dotted names), so the same dict lives in nnU-Net plans.
     Input ``(B, input_channels, *patch)``; output ``(B, num_classes, *patch)``, or with deep supervision
@@ -80,6 +84,9 @@ class LKMUNet(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         stem_channels: Optional[int] = None,
+        use_pim: bool = True,
+        use_pam: bool = True,
+        bidirectional: bool = True,
     ) -> None:
         super().__init__()
         conv_op = _resolve(conv_op, "conv_op")
@@ -87,23 +94,27 @@ class LKMUNet(nn.Module):
         features = _per_stage(features_per_stage, n_stages, "features_per_stage")
         strides = [per_axis(s, ndim, f"strides[{i}]")
                    for i, s in enumerate(_per_stage(strides, n_stages, "strides"))]
-        kernels = self._stage_sizes(pim_kernel_sizes, n_stages, ndim, "pim_kernel_sizes")
-        pools = self._stage_sizes(pam_pool_sizes, n_stages, ndim, "pam_pool_sizes")
+        kernels = self._stage_sizes(pim_kernel_sizes, n_stages, ndim, "pim_kernel_sizes") if use_pim else None
+        pools = self._stage_sizes(pam_pool_sizes, n_stages, ndim, "pam_pool_sizes") if use_pam else None
         if pim_grouping not in GROUPINGS:
             raise ValueError(f"pim_grouping={pim_grouping!r} is not valid; valid: {', '.join(map(repr, GROUPINGS))}")
         check_policy(shape_policy)
         self.pim_kernel_sizes, self.pam_pool_sizes = kernels, pools
         self.pim_grouping, self.shape_policy = pim_grouping, shape_policy
+        self.use_pim, self.use_pam, self.bidirectional = use_pim, use_pam, bidirectional
 
-        ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy}
+        ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy,
+               "bidirectional": bidirectional}
         lkm_stages = []
         total_stride = (1,) * ndim
         for s in range(n_stages):
             total_stride = tuple(t * k for t, k in zip(total_stride, strides[s]))
             place = {"spatial_dims": ndim, "input_stride": total_stride}
             lkm_stages.append(LKMStage(
-                PixelSSM(features[s], kernels[s], grouping=pim_grouping, where=f"stage {s} PiM (pim_kernel_sizes[{s}])", **place, **ssm),
-                PatchSSM(features[s], pools[s], where=f"stage {s} PaM (pam_pool_sizes[{s}])", **place, **ssm),
+                PixelSSM(features[s], kernels[s], grouping=pim_grouping, where=f"stage {s} PiM (pim_kernel_sizes[{s}])", **place, **ssm)
+                if use_pim else None,
+                PatchSSM(features[s], pools[s], where=f"stage {s} PaM (pam_pool_sizes[{s}])", **place, **ssm)
+                if use_pam else None,
             ))
         self.encoder = LKMEncoder(
             lkm_stages, input_channels=input_channels, n_stages=n_stages, features_per_stage=features,
@@ -142,12 +153,16 @@ class LKMUNet(nn.Module):
         rows = []
         for s, (size, lkm) in enumerate(zip(stage_feature_sizes(patch_size, self.encoder.strides),
                                             self.encoder.lkm_stages)):
-            pads = []
-            for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
-                pads.append(padding_for(size, sizes, "pad", block.where, block.size_name.replace("_", " ")))
-            rows.append({"stage": s, "feature_size": size, "pim_kernel_size": list(lkm.pim.kernel_size),
-                         "pam_pool_size": list(lkm.pam.pool_size), "pim_padding": list(pads[0]),
-                         "pam_padding": list(pads[1])})
+            row = {"stage": s, "feature_size": size}
+            for block, size_key, pad_key in ((lkm.pim, "pim_kernel_size", "pim_padding"),
+                                             (lkm.pam, "pam_pool_size", "pam_padding")):
+                if block is None:  # an ablated block: no size, nothing to pad
+                    row[size_key], row[pad_key] = None, []
+                    continue
+                sizes = block.per_axis_size()
+                row[size_key] = list(sizes)
+                row[pad_key] = list(padding_for(size, sizes, "pad", block.where, block.size_name.replace("_", " ")))
+            rows.append(row)
         return rows
 
     def input_size_errors(self, patch_size: Sequence[int]) -> list[str]:
@@ -155,12 +170,16 @@ class LKMUNet(nn.Module):
         ``patch_size``, one message each with the sizes that would; empty under ``shape_policy="pad"``."""
         if self.shape_policy != "error":
             return []
-        total = self.encoder.lkm_stages[-1].pim.input_stride  # the patch must be a multiple of it
+        last = self.encoder.lkm_stages[-1]
+        if last.pim is None and last.pam is None:  # no Mamba (an ablation): nothing to divide
+            return []
+        total = (last.pim or last.pam).input_stride  # the patch must be a multiple of it
         errors = []
         for size, lkm in zip(stage_feature_sizes(patch_size, self.encoder.strides), self.encoder.lkm_stages):
-            for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
-                errors += divisibility_errors(size, sizes, block.where, block.size_name.replace("_", " "),
-                                              block.input_stride, total)
+            for block in (lkm.pim, lkm.pam):
+                if block is not None:
+                    errors += divisibility_errors(size, block.per_axis_size(), block.where,
+                                                  block.size_name.replace("_", " "), block.input_stride, total)
         return errors
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
