@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "nnunetv2_plugin.commands_plans",
     "nnunetv2_plugin.commands_data",
     "nnunetv2_plugin.commands_report",
+    "nnunetv2_plugin.commands_checkpoint",
 )
 
 
