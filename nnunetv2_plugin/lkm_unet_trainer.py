@@ -54,7 +54,9 @@ class LKMUNetTrainer(nnUNetTrainer):
             f"LKM-UNet architecture {origin}; shape_policy {kwargs.get('shape_policy', 'pad')}\n"
             f"{stage_table(rows, kwargs.get('pim_grouping', 'window'))}\n"
             f"selective scan backend on {self.device.type}: {backend}"
-            + (f" (cuda: {available_backends()['cuda']})" if fell_back else ""))
+            + (f" (cuda: {available_backends()['cuda']})" if fell_back else "") + "\n"
+            f"deep supervision {'on' if self.enable_deep_supervision else 'off'}; mixed precision "
+            + ("allowed on cuda" if self.lkm_allow_autocast else "off (the whole network in fp32)"))
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
