@@ -35,7 +35,7 @@ def _order(ndim: int, grouping: str) -> list[int]:
 def partition(x: Tensor, k: Sequence[int], grouping: str) -> Tensor:
     """``(B, C, *S) -> (B * n_sequences, length, C)``; batch-major, so sample b owns a contiguous run."""
     order = _order(len(k), grouping)
-    length = math.prod(k) if grouping == "window" else math.prod(s // w for s, w in zip(x.shape[2:], k))
+    length = math.prod(k) if grouping == "window" else math.prod([s // w for s, w in zip(x.shape[2:], k)])
     return x.reshape(_split_shape(x.shape, k)).permute(order).reshape(-1, length, x.shape[1])
 
 
