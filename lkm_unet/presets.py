@@ -2,7 +2,13 @@
 
 The tables live in the repository's ``configs/<config>.json`` (installed inside the package as
 ``lkm_unet/configs``): the backbone of the paper's two set-ups (patch size, stages, strides,
-features) and, per preset, the LKM kwargs.
+features) and, per preset, the block counts (``n_blocks_per_stage``, ``n_conv_per_stage_decoder``)
+and the LKM kwargs. A preset fixes both, so one preset name is one network (docs/presets.md):
+
+- ``paper``: the stored block counts of the paper's set-up, ``window`` grouping, pools = windows.
+- ``official``: what the released code builds from an nnU-Net plan: one residual block per planned
+  encoder conv (``n_conv_per_stage``) and per planned decoder conv, ``strided`` grouping, its pools.
+  The stored counts are those of nnU-Net's default plan (two convs per stage).
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ def load_config(config: str) -> dict[str, Any]:
 
 
 def preset_kwargs(preset: str, config: str) -> dict[str, Any]:
-    """The LKM kwargs (pim_kernel_sizes, pam_pool_sizes, pim_grouping) of a stored preset."""
+    """The kwargs a stored preset fixes: block counts (``n_blocks_per_stage``,
+    ``n_conv_per_stage_decoder``) and LKM sizes (``pim_kernel_sizes``, ``pam_pool_sizes``,
+    ``pim_grouping``)."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not known; valid: {', '.join(PRESETS)}")
     return dict(load_config(config)["presets"][preset])

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "nnunetv2_plugin.commands_data",
     "nnunetv2_plugin.commands_report",
     "nnunetv2_plugin.commands_analysis",
+    "nnunetv2_plugin.commands_checkpoint",
 )
 
 

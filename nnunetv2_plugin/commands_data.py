@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
                           help="NSD tolerance in mm for labels without a paper tolerance (default 2)")
     evaluate.add_argument("--output-dir", default=None,
                           help="where per_case.csv and summary.csv go (default PRED_DIR)")
+    evaluate.add_argument("--force", action="store_true",
+                          help="overwrite per_case.csv and summary.csv already in the output folder")
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -85,7 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from nnunetv2_plugin.evaluation import evaluate_folders, format_summary
 
     code, result = _run(evaluate_folders, args.prediction_dir, args.reference_dir, args.dataset_json,
-                        args.output_dir, args.organs, args.default_tolerance_mm)
+                        args.output_dir, args.organs, args.default_tolerance_mm, args.force)
     if code == 0:
         print(format_summary(result[1]))
     return code
@@ -96,9 +98,10 @@ def _run(function: Callable[..., Any], *arguments: Any) -> Tuple[int, Any]:
     becomes one log line and (1, None)."""
     from nnunetv2_plugin.datasets.raw_dataset import DatasetError
     from nnunetv2_plugin.evaluation import EvaluationError
+    from nnunetv2_plugin.image_files import ImageReadError
 
     try:
         return 0, function(*arguments)
-    except (DatasetError, EvaluationError) as error:
+    except (DatasetError, EvaluationError, ImageReadError) as error:
         logger.error("error: %s", error)
         return 1, None

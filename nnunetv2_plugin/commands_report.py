@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def _overlays(args: argparse.Namespace) -> int:
+    from nnunetv2_plugin.image_files import ImageReadError
     from nnunetv2_plugin.overlays import write_overlays
-    paths = write_overlays(Path(args.image_dir), Path(args.reference_dir), Path(args.prediction_dir),
-                           Path(args.output_dir), args.max_cases)
+    try:
+        paths = write_overlays(Path(args.image_dir), Path(args.reference_dir), Path(args.prediction_dir),
+                               Path(args.output_dir), args.max_cases)
+    except (ImageReadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {len(paths)} overlays to {args.output_dir}")
     return 0
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from nnunetv2_plugin.datasets.abdomen_organs import ABDOMEN_ORGANS, normalize_label_name
+from nnunetv2_plugin.image_files import read_image
 from nnunetv2_plugin.surface_metrics import organ_scores
 
 logger = logging.getLogger("lkm_unet")
@@ -53,6 +54,7 @@ PAPER_NSD_TOLERANCES_MM: Dict[str, float] = {
 REFERENCE_SLICE_ORGANS = ("aorta", "inferior vena cava", "esophagus")
 DEFAULT_TOLERANCE_MM = 2.0
 ORGAN_TABLES = ("flare",)
+RESULT_FILES = ("per_case.csv", "summary.csv")
 SUMMARY_COLUMNS = ("organ", "DSC_mean", "DSC_std", "NSD_mean", "NSD_std", "n",
                    "n_present", "DSC_present_mean", "NSD_present_mean")
 SUMMARY_FOOTNOTE = (
@@ -110,8 +112,8 @@ def evaluate_case(
     """Rows ``{"case", "organ", "DSC", "NSD"}`` for one prediction/reference pair."""
     import SimpleITK as sitk
 
-    reference_image = sitk.ReadImage(str(reference_file))
-    prediction_image = sitk.ReadImage(str(prediction_file))
+    reference_image = read_image(reference_file)
+    prediction_image = read_image(prediction_file)
     if reference_image.GetSize() != prediction_image.GetSize():
         raise EvaluationError(
             f"{prediction_file} has size {prediction_image.GetSize()} but {reference_file} has "
@@ -147,6 +149,7 @@ def evaluate_folders(
     output_dir: Optional[PathLike] = None,
     organs: str = "flare",
     default_tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    force: bool = False,
 ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
     """Evaluate every case; write ``per_case.csv`` and ``summary.csv`` and return both row lists.
 
@@ -156,6 +159,8 @@ def evaluate_folders(
         output_dir: where the CSVs go; defaults to ``prediction_dir``.
         organs: built-in organ table; ``"flare"`` is the 13 organs of both paper datasets.
         default_tolerance_mm: NSD tolerance of labels without a paper tolerance (dataset.json only).
+        force: overwrite ``per_case.csv``/``summary.csv`` already in ``output_dir``; without it such
+            a folder is refused before anything is computed.
     """
     if dataset_json is not None:
         organ_specs = organs_from_dataset_json(dataset_json, default_tolerance_mm)
@@ -163,13 +168,17 @@ def evaluate_folders(
         organ_specs = flare_organs()
     else:
         raise EvaluationError(f"unknown organ table {organs!r}; choose one of {', '.join(ORGAN_TABLES)}")
+    output = Path(output_dir) if output_dir is not None else Path(prediction_dir)
+    existing = [name for name in RESULT_FILES if (output / name).exists()]
+    if existing and not force:
+        raise EvaluationError(f"{output} already holds {' and '.join(existing)}; pass --force to overwrite "
+                              f"them, or choose another --output-dir")
     pairs = _matched_files(Path(prediction_dir), Path(reference_dir))
     per_case: List[Dict[str, object]] = []
     for prediction_file, reference_file in pairs:
         per_case += evaluate_case(prediction_file, reference_file, organ_specs)
         logger.info("Evaluated %s", reference_file.name)
     summary = summarize(per_case, [organ.name for organ in organ_specs])
-    output = Path(output_dir) if output_dir is not None else Path(prediction_dir)
     output.mkdir(parents=True, exist_ok=True)
     _write_csv(output / "per_case.csv", per_case, ["case", "organ", "DSC", "NSD", "in_reference"])
     _write_csv(output / "summary.csv", summary, SUMMARY_COLUMNS)

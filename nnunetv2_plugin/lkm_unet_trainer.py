@@ -58,7 +58,9 @@ class LKMUNetTrainer(nnUNetTrainer):
             f"LKM-UNet architecture {origin}; shape_policy {kwargs.get('shape_policy', 'pad')}\n"
             f"{stage_table(rows, kwargs.get('pim_grouping', 'window'))}\n"
             f"selective scan backend on {self.device.type}: {backend}"
-            + (f" (cuda: {available_backends()['cuda']})" if fell_back else ""))
+            + (f" (cuda: {available_backends()['cuda']})" if fell_back else "") + "\n"
+            f"deep supervision {'on' if self.enable_deep_supervision else 'off'}; mixed precision "
+            + ("allowed on cuda" if self.lkm_allow_autocast else "off (the whole network in fp32)"))
         if self.device.type == "cpu" and backend == "torch":
             # The numba kernel flushes its own tiny states; the torch scan's decaying states drift into the
             # denormal range, which made early CPU training steps 4-5x slower. Set for this process only.

@@ -6,10 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-
-def _read(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))          # (z, y, x)
+from nnunetv2_plugin.image_files import read_array
 
 
 def write_overlays(image_dir: Path, reference_dir: Path, prediction_dir: Path, output_dir: Path,
@@ -31,7 +28,7 @@ def write_overlays(image_dir: Path, reference_dir: Path, prediction_dir: Path, o
         for needed in (image_path, reference_path):
             if not needed.is_file():
                 raise FileNotFoundError(f"{needed} is missing for prediction {prediction_path}")
-        image, reference, prediction = (_read(p) for p in (image_path, reference_path, prediction_path))
+        image, reference, prediction = (read_array(p) for p in (image_path, reference_path, prediction_path))
         z = int(np.argmax((reference > 0).reshape(reference.shape[0], -1).sum(1)))
         n_labels = int(max(reference.max(), prediction.max(), 1))
         figure, axes = plt.subplots(1, 3, figsize=(9, 3.3))

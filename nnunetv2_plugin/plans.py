@@ -7,10 +7,11 @@ A configuration's ``architecture`` becomes::
                      "pim_grouping": "window", "shape_policy": "error", "d_state": 16, "d_conv": 4, "expand": 2},
      "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
-Presets: ``auto`` derives window and pool sizes for the planned patch and strides with the paper's
-rule (:func:`lkm_unet.derive_kernel_sizes`); ``paper`` and ``official`` take the stored tables of the
-paper's set-up of the same dimensionality verbatim (3D: abdomen CT, 2D: abdomen MR) and fail if they do
-not fit the plan.
+Presets (docs/presets.md): ``auto`` derives window and pool sizes for the planned patch and strides
+with the paper's rule (:func:`lkm_unet.derive_kernel_sizes`); ``paper`` and ``official`` take the
+stored tables of the paper's set-up of the same dimensionality verbatim (3D: abdomen CT, 2D: abdomen
+MR) and fail if they do not fit the plan. Each preset also fixes the block counts
+(:func:`preset_blocks`), so a preset names one network for a given plan.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ LKM_NETWORK_CLASS = "lkm_unet.nets.lkm_unet.LKMUNet"
 PLANS_PRESETS = ("auto", *PRESETS)
 REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 STORED_CONFIG_OF_DIM = {3: "abdomen_ct_3d", 2: "abdomen_mr_2d"}
+BLOCK_KEYS = ("n_blocks_per_stage", "n_conv_per_stage_decoder")
 LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand",
             "use_pim", "use_pam", "bidirectional")
 # The ablation switches (lkm_unet.ablations), written explicitly so that a user can flip them in the JSON.
@@ -58,31 +60,55 @@ def lkm_architecture(configuration: ConfigurationManager, preset: str = "auto",
                      shape_policy: str = "error") -> dict[str, Any]:
     """An LKM-UNet ``architecture`` entry for a planned configuration (nnU-Net's or an LKM one).
 
-    The backbone (stages, features, strides, conv kernels, norms) is the planned one. A plain-conv
-    plan's ``n_conv_per_stage`` becomes residual blocks of two convs each (``max(1, n // 2)``), so the
-    encoder keeps the planned number of convolutions.
+    The backbone (stages, features, strides, conv kernels, norms) is the planned one; the preset fixes
+    the block counts (:func:`preset_blocks`) and the LKM sizes.
     """
     if preset not in PLANS_PRESETS:
         raise PlansError(f"preset {preset!r} is not known; valid: {', '.join(PLANS_PRESETS)}")
     source = configuration.network_arch_init_kwargs
     kwargs = {k: copy.deepcopy(source[k]) for k in BACKBONE_KEYS if k in source}
-    if "n_blocks_per_stage" not in kwargs:
-        kwargs["n_blocks_per_stage"] = [max(1, int(n) // 2) for n in source["n_conv_per_stage"]]
     patch = list(configuration.patch_size)
     if preset == "auto":
         lkm = derive_kernel_sizes(patch, kwargs["strides"], "paper")
     else:
         name = STORED_CONFIG_OF_DIM[len(patch)]
         stored = load_config(name)
-        lkm = copy.deepcopy(stored["presets"][preset])
+        lkm = {k: copy.deepcopy(v) for k, v in stored["presets"][preset].items() if k not in BLOCK_KEYS}
         if len(lkm["pim_kernel_sizes"]) != kwargs["n_stages"]:
             raise PlansError(f"preset {preset!r} holds the {len(lkm['pim_kernel_sizes'])}-stage tables of the "
                              f"paper's {name} set-up, but this plan has {kwargs['n_stages']} stages; "
                              f"use preset 'auto' to derive sizes for this plan")
+    kwargs.update(preset_blocks(preset, source, len(patch)))
     kwargs.update(lkm)
     kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2, **ABLATION_DEFAULTS})
     return {"network_class_name": LKM_NETWORK_CLASS, "arch_kwargs": kwargs,
             "_kw_requires_import": list(REQUIRES_IMPORT)}
+
+
+def preset_blocks(preset: str, source: dict[str, Any], ndim: int) -> dict[str, list[int]]:
+    """Encoder residual blocks and decoder blocks per stage that ``preset`` builds on a plan.
+
+    - ``official``: as the released code, one residual block per planned conv: ``n_conv_per_stage``
+      (``n_blocks_per_stage`` in a residual-encoder plan) and ``n_conv_per_stage_decoder``.
+    - ``paper``: the stored counts of the paper's set-up of the plan's dimensionality.
+    - ``auto``: the planned number of encoder convolutions, as residual blocks of two convs
+      (``max(1, n // 2)``; a residual-encoder plan's blocks as planned), decoder as planned.
+    """
+    decoder = [int(n) for n in source["n_conv_per_stage_decoder"]]
+    if preset == "paper":
+        stored = load_config(STORED_CONFIG_OF_DIM[ndim])["presets"]["paper"]
+        if len(stored["n_blocks_per_stage"]) != source["n_stages"]:
+            raise PlansError(f"preset 'paper' holds the block counts of the paper's "
+                             f"{len(stored['n_blocks_per_stage'])}-stage set-up, but this plan has "
+                             f"{source['n_stages']} stages; use preset 'auto' to derive sizes for this plan")
+        return {k: list(stored[k]) for k in BLOCK_KEYS}
+    if "n_blocks_per_stage" in source:
+        encoder = [int(n) for n in source["n_blocks_per_stage"]]
+    elif preset == "official":
+        encoder = [int(n) for n in source["n_conv_per_stage"]]
+    else:
+        encoder = [max(1, int(n) // 2) for n in source["n_conv_per_stage"]]
+    return {"n_blocks_per_stage": encoder, "n_conv_per_stage_decoder": decoder}
 
 
 def validate_architecture(architecture: dict[str, Any], patch_size: list[int], where: str) -> list[dict]:

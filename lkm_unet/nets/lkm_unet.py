@@ -196,13 +196,22 @@ class LKMUNet(nn.Module):
         init_last_bn_before_add_to_0(module)
 
     @classmethod
-    def from_preset(cls, preset: str, config: str, **overrides: Any) -> "LKMUNet":
+    def from_preset(cls, preset: str, config: str, initialize: bool = True, **overrides: Any) -> "LKMUNet":
         """Build a stored variant: ``preset`` in ('paper', 'official'), ``config`` in
         ('abdomen_ct_3d', 'abdomen_mr_2d'). ``overrides`` (input_channels and num_classes are required
-        unless given here) replace any constructor kwarg."""
+        unless given here) replace any constructor kwarg.
+
+        The preset fixes the block counts as well as the LKM sizes, so this is the network that
+        ``lkm-unet plans --preset <preset>`` writes for the same plan, and with ``initialize`` (the
+        default) it is initialised as nnU-Net's trainer does (``network.apply(network.initialize)``):
+        under the same seed both give the same weights.
+        """
         kwargs = {**load_config(config)["architecture"], **preset_kwargs(preset, config)}
         kwargs.update(overrides)
         missing = [k for k in ("input_channels", "num_classes") if k not in kwargs]
         if missing:
             raise TypeError(f"from_preset needs {', '.join(missing)} (e.g. input_channels=1, num_classes=14)")
-        return cls(**kwargs)
+        network = cls(**kwargs)
+        if initialize:
+            network.apply(network.initialize)
+        return network

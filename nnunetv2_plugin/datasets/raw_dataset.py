@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequ
 
 import numpy as np
 
+from nnunetv2_plugin.image_files import read_image, read_size
+
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
@@ -153,8 +155,8 @@ def write_cases(
         images_dir, labels_dir = folder / f"images{subset}", folder / f"labels{subset}"
         images_dir.mkdir(exist_ok=True)
         labels_dir.mkdir(exist_ok=True)
-        source_label = sitk.ReadImage(str(case.label))
-        image_size = _image_size(case.image)
+        source_label = read_image(case.label)
+        image_size = read_size(case.image)
         if image_size != source_label.GetSize():
             raise DatasetError(
                 f"label {case.label} has size {source_label.GetSize()} but its image {case.image} "
@@ -228,11 +230,3 @@ def verify_raw_dataset(folder: Path, num_processes: int = 2) -> None:
     except (AssertionError, RuntimeError, FileNotFoundError) as error:
         raise DatasetError(f"nnU-Net's integrity check failed for {folder}: {error}") from error
 
-
-def _image_size(path: Path) -> Tuple[int, ...]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return tuple(reader.GetSize())
