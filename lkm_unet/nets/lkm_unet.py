@@ -19,6 +19,9 @@ from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
 
 ClassOrName = Union[Type[nn.Module], str, None]
 
+#: What PiM/PaM store for backward (README "Memory"; measured in docs/benchmarks.md).
+DEFAULT_MEMORY_OPTIONS = {"ssm_checkpointing": True, "ssm_autocast": False, "ssm_checkpoint_elements": 2 ** 24}
+
 
 def _resolve(value: ClassOrName, name: str) -> Optional[Type[nn.Module]]:
     """Classes may come as dotted names, as they are stored in nnU-Net plans."""
@@ -47,6 +50,11 @@ class LKMUNet(nn.Module):
     - ``pim_grouping``: ``"window"`` (the paper) or ``"strided"`` (the released code), SPEC 4.
     - ``shape_policy``: ``"pad"`` or ``"error"`` when a size does not divide a feature map.
     - ``d_state``, ``d_conv``, ``expand``: the Mamba mixers' sizes.
+    - Memory options (README "Memory"; none changes the function the network computes):
+      ``ssm_checkpointing`` stores only each PiM/PaM block's input and recomputes its BiMamba in
+      backward, ``ssm_checkpoint_elements`` input elements at a time; ``ssm_autocast`` lets the
+      projections, conv and gate run and be stored in the autocast dtype (the scan, A, D and the dt
+      bias stay fp32).
 
     All kwargs are JSON-safe (classes may be dotted names), so the same dict lives in nnU-Net plans.
     Input ``(B, input_channels, *patch)``; output ``(B, num_classes, *patch)``, or with deep supervision
@@ -80,6 +88,9 @@ class LKMUNet(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         stem_channels: Optional[int] = None,
+        ssm_checkpointing: bool = DEFAULT_MEMORY_OPTIONS["ssm_checkpointing"],
+        ssm_autocast: bool = DEFAULT_MEMORY_OPTIONS["ssm_autocast"],
+        ssm_checkpoint_elements: int = DEFAULT_MEMORY_OPTIONS["ssm_checkpoint_elements"],
     ) -> None:
         super().__init__()
         conv_op = _resolve(conv_op, "conv_op")
@@ -95,7 +106,12 @@ class LKMUNet(nn.Module):
         self.pim_kernel_sizes, self.pam_pool_sizes = kernels, pools
         self.pim_grouping, self.shape_policy = pim_grouping, shape_policy
 
-        ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy}
+        for name, flag in (("ssm_checkpointing", ssm_checkpointing), ("ssm_autocast", ssm_autocast)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r}; give true or false")
+        ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy,
+               "checkpointing": ssm_checkpointing, "checkpoint_elements": ssm_checkpoint_elements,
+               "autocast": ssm_autocast}
         lkm_stages = []
         total_stride = (1,) * ndim
         for s in range(n_stages):
