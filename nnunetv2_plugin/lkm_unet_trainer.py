@@ -17,6 +17,8 @@ from torch import nn
 
 from lkm_unet import LKMUNet
 from lkm_unet.ops.selective_scan import available_backends, resolve_backend
+from nnunetv2_plugin.finite_guard import (NonFiniteTrainingError, gradients_finite, locate_non_finite,
+                                          loss_finite, non_finite_message)
 from nnunetv2_plugin.plans import resolve_architecture, stage_table
 
 
@@ -68,6 +70,23 @@ class LKMUNetTrainer(nnUNetTrainer):
         network.apply(network.initialize)
         network.allow_autocast = cls.lkm_allow_autocast
         return network
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step, then a guard: a non-finite loss, or a non-finite gradient where no GradScaler
+        handles it (bf16, CPU, no AMP), stops training with the first block whose output is non-finite."""
+        result = super().train_step(batch)
+        what = None
+        if not loss_finite(result["loss"]):
+            what = f"loss ({float(result['loss'])})"
+        elif self.grad_scaler is None and not gradients_finite(self.network):
+            what = "gradient"
+        if what is not None:
+            data = batch["data"].to(self.device, non_blocking=True)
+            block, parameter = locate_non_finite(self.network, data, autocast=self.device.type == "cuda")
+            message = non_finite_message(what, self.current_epoch, block, parameter)
+            self.print_to_log_file(message)
+            raise NonFiniteTrainingError(message)
+        return result
 
     def _do_i_compile(self) -> bool:
         """Off unless ``nnUNet_compile`` asks for it. The scan is a custom op that breaks the graph at
