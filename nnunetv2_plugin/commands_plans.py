@@ -13,7 +13,8 @@ def _plans(args: argparse.Namespace) -> int:
     from nnunetv2_plugin.plans_files import write_lkm_plans
     try:
         path, tables = write_lkm_plans(args.dataset, args.configurations, args.preset, args.source_plans,
-                                       args.target_plans, args.shape_policy, args.force, args.batch_size)
+                                       args.target_plans, args.shape_policy, args.force, args.batch_size,
+                                       gpu_memory=args.gpu_memory)
     except PlansError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape-policy", default="error", choices=("error", "pad"),
                    help="what the network does when a size does not divide a feature map (default error)")
     p.add_argument("--batch-size", type=int, default=None, help="replace the planned batch size")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="fit batch size and memory options (ssm_checkpointing, ssm_autocast) to this GPU memory, "
+                        "e.g. 12, 24 or 40, and print the estimated training peak")
     p.add_argument("--force", action="store_true", help="overwrite an existing target plans file")
     p.set_defaults(func=_plans)
 

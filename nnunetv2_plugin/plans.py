@@ -21,6 +21,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from lkm_unet import LKMUNet, derive_kernel_sizes, load_config
+from lkm_unet.nets.lkm_unet import DEFAULT_MEMORY_OPTIONS
 from lkm_unet.presets import PRESETS
 
 
@@ -28,7 +29,8 @@ LKM_NETWORK_CLASS = "lkm_unet.nets.lkm_unet.LKMUNet"
 PLANS_PRESETS = ("auto", *PRESETS)
 REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 STORED_CONFIG_OF_DIM = {3: "abdomen_ct_3d", 2: "abdomen_mr_2d"}
-LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand")
+LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand",
+            *DEFAULT_MEMORY_OPTIONS)
 # Backbone kwargs shared by nnU-Net's U-Nets and LKMUNet; everything else of the source plan is dropped.
 BACKBONE_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage_decoder",
                  "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin",
@@ -69,7 +71,7 @@ def lkm_architecture(configuration: ConfigurationManager, preset: str = "auto",
                              f"paper's {name} set-up, but this plan has {kwargs['n_stages']} stages; "
                              f"use preset 'auto' to derive sizes for this plan")
     kwargs.update(lkm)
-    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2})
+    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2, **DEFAULT_MEMORY_OPTIONS})
     return {"network_class_name": LKM_NETWORK_CLASS, "arch_kwargs": kwargs,
             "_kw_requires_import": list(REQUIRES_IMPORT)}
 
