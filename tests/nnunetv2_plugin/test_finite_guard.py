@@ -26,8 +26,11 @@ def test_locate_names_the_first_non_finite_block_and_parameter():
 
 def test_trainer_stops_with_the_block_name(planned, monkeypatch):
     preprocessed = planned["base"] / "preprocessed" / DATASET
-    monkeypatch.setenv("nnUNet_preprocessed", str(planned["base"] / "preprocessed"))
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module   # reads the paths at import
+    monkeypatch.setattr(trainer_module, "nnUNet_preprocessed", str(planned["base"] / "preprocessed"))
+    monkeypatch.setattr(trainer_module, "nnUNet_results", str(planned["base"] / "results_guard"))
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False   # what nnUNetv2_train adds to the plans it hands the trainer
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
     trainer = LKMUNetTrainer(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
     trainer.initialize()
