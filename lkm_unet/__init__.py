@@ -1,7 +1,8 @@
 """LKM-UNet: Large Kernel Vision Mamba UNet (Wang et al., MICCAI 2024), importable without nnU-Net.
 
 ``import lkm_unet`` never needs mamba-ssm, triton or a GPU; the selective scan uses mamba-ssm's
-CUDA kernel when it is installed and the tensors are on CUDA, and its own PyTorch scan otherwise.
+CUDA kernel when it is installed and the tensors are on CUDA, else its Triton kernels, else its own
+PyTorch scan (``lkm_unet.available_backends()`` says which work here).
 """
 from lkm_unet.modules.bimamba import BiMamba
 from lkm_unet.modules.mamba import Mamba

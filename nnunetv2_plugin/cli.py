@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 COMMAND_MODULES = (
     "nnunetv2_plugin.commands_setup",
     "nnunetv2_plugin.commands_plans",
+    "nnunetv2_plugin.commands_patch",
     "nnunetv2_plugin.commands_data",
     "nnunetv2_plugin.commands_report",
 )

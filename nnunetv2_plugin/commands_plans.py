@@ -8,6 +8,13 @@ import sys
 logger = logging.getLogger("lkm_unet")
 
 
+def report_plans_error(error: ValueError) -> int:
+    """Print each problem on its own ``error:`` line; the exit status of a refused plans command."""
+    for message in getattr(error, "messages", [str(error)]):
+        print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _plans(args: argparse.Namespace) -> int:
     from nnunetv2_plugin.plans import PlansError
     from nnunetv2_plugin.plans_files import write_lkm_plans
@@ -16,8 +23,7 @@ def _plans(args: argparse.Namespace) -> int:
                                        args.target_plans, args.shape_policy, args.force, args.batch_size,
                                        gpu_memory=args.gpu_memory)
     except PlansError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_plans_error(error)
     for name, table in tables.items():
         print(f"configuration {name}:\n{table}\n")
     print(f"wrote {path}\ntrain with: nnUNetv2_train {args.dataset} <configuration> <fold> -tr LKMUNetTrainer "
@@ -31,8 +37,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         tables = check_plans(args.dataset, args.plans, args.configurations)
     except PlansError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_plans_error(error)
     for name, table in tables.items():
         print(f"configuration {name}: OK\n{table}\n")
     return 0

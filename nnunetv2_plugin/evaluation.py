@@ -5,8 +5,14 @@ Files are matched by name. Spacing comes from the reference headers. The default
 inferior vena cava and esophagus are scored only on the reference's axial slices. Conventions for
 empty masks: see :mod:`nnunetv2_plugin.surface_metrics` and docs/evaluation.md.
 
-Outputs: ``per_case.csv`` (case, organ, DSC, NSD) and ``summary.csv`` (per organ mean and std over
-cases, then ``mean`` over organs).
+Outputs: ``per_case.csv`` (case, organ, DSC, NSD, in_reference) and ``summary.csv`` (per organ mean and
+std over cases, the number of cases whose reference has the organ and the means over those cases only,
+then ``mean`` over organs). Two means, because they answer different questions:
+
+* the paper's (FLARE rule): an organ absent from both reference and prediction scores 1, so every case
+  counts for every organ; this is the number to compare with the paper's tables;
+* over present organs: only the cases whose reference contains the organ; a model that predicts
+  nothing scores 0 here, while under the FLARE rule it keeps 1 for every organ outside the scan.
 """
 from __future__ import annotations
 
@@ -47,6 +53,13 @@ PAPER_NSD_TOLERANCES_MM: Dict[str, float] = {
 REFERENCE_SLICE_ORGANS = ("aorta", "inferior vena cava", "esophagus")
 DEFAULT_TOLERANCE_MM = 2.0
 ORGAN_TABLES = ("flare",)
+SUMMARY_COLUMNS = ("organ", "DSC_mean", "DSC_std", "NSD_mean", "NSD_std", "n",
+                   "n_present", "DSC_present_mean", "NSD_present_mean")
+SUMMARY_FOOTNOTE = (
+    "[FLARE] the paper's rule: an organ absent from both reference and prediction scores 1, so every case\n"
+    "        counts for every organ (n cases); mean row: mean of the organ means +- std over cases.\n"
+    "[present] only the cases whose reference contains the organ (present: in how many of the n cases);\n"
+    "        mean row: mean over the organs present in at least one case (present: how many organs).")
 
 
 class EvaluationError(ValueError):
@@ -122,7 +135,8 @@ def evaluate_case(
             organ.tolerance_mm,
             organ.reference_slices_only and reference.ndim == 3,  # axial slices need a volume
         )
-        rows.append({"case": case, "organ": organ.name, "DSC": dsc, "NSD": nsd})
+        rows.append({"case": case, "organ": organ.name, "DSC": dsc, "NSD": nsd,
+                     "in_reference": int(np.any(reference == organ.label))})
     return rows
 
 
@@ -157,38 +171,61 @@ def evaluate_folders(
     summary = summarize(per_case, [organ.name for organ in organ_specs])
     output = Path(output_dir) if output_dir is not None else Path(prediction_dir)
     output.mkdir(parents=True, exist_ok=True)
-    _write_csv(output / "per_case.csv", per_case, ["case", "organ", "DSC", "NSD"])
-    _write_csv(output / "summary.csv", summary, ["organ", "DSC_mean", "DSC_std", "NSD_mean", "NSD_std", "n"])
+    _write_csv(output / "per_case.csv", per_case, ["case", "organ", "DSC", "NSD", "in_reference"])
+    _write_csv(output / "summary.csv", summary, SUMMARY_COLUMNS)
     logger.info("Wrote %s and %s", output / "per_case.csv", output / "summary.csv")
     return per_case, summary
 
 
 def summarize(per_case: Sequence[Dict[str, object]], organ_names: Sequence[str]) -> List[Dict[str, object]]:
-    """Per organ: mean and std (population, ddof 0) over cases; last row ``mean``: the mean of the
-    organ means, with the std over cases of each case's mean over organs."""
+    """Per organ: mean and std (population, ddof 0) over cases (FLARE rule), ``n_present`` (cases whose
+    reference has the organ) and the means over those cases only (NaN if none).
+
+    Last row ``mean``: the mean of the organ means, with the std over cases of each case's mean over
+    organs; ``n_present`` the number of organs present in at least one case, and the present means
+    averaged over those organs. Rows without ``in_reference`` count as present.
+    """
     summary = []
     for name in organ_names:
         rows = [row for row in per_case if row["organ"] == name]
-        summary.append(_stats(name, [r["DSC"] for r in rows], [r["NSD"] for r in rows]))
+        present = [row for row in rows if row.get("in_reference", 1)]
+        stats = _stats(name, [r["DSC"] for r in rows], [r["NSD"] for r in rows])
+        stats["n_present"] = len(present)
+        for metric in ("DSC", "NSD"):
+            stats[f"{metric}_present_mean"] = float(np.mean([r[metric] for r in present])) if present else math.nan
+        summary.append(stats)
     cases = sorted({row["case"] for row in per_case})
     case_means = {
         metric: [float(np.mean([r[metric] for r in per_case if r["case"] == c])) for c in cases]
         for metric in ("DSC", "NSD")
     }
     overall = _stats("mean", case_means["DSC"], case_means["NSD"])
-    overall["DSC_mean"] = float(np.mean([row["DSC_mean"] for row in summary]))
-    overall["NSD_mean"] = float(np.mean([row["NSD_mean"] for row in summary]))
+    present_organs = [row for row in summary if row["n_present"]]
+    overall["n_present"] = len(present_organs)
+    for metric in ("DSC", "NSD"):
+        overall[f"{metric}_mean"] = float(np.mean([row[f"{metric}_mean"] for row in summary]))
+        overall[f"{metric}_present_mean"] = (float(np.mean([row[f"{metric}_present_mean"] for row in present_organs]))
+                                             if present_organs else math.nan)
     return summary + [overall]
 
 
 def format_summary(summary: Sequence[Dict[str, object]]) -> str:
-    """The summary rows as an aligned text table (mean +- std)."""
+    """The summary rows as an aligned text table: both means of DSC and NSD, and the footnote that
+    says which rule each uses."""
     width = max(len("organ"), *(len(str(row["organ"])) for row in summary))
-    lines = [f"{'organ':<{width}}  {'DSC':>15}  {'NSD':>15}"]
+    header = ["DSC [FLARE]", "NSD [FLARE]", "DSC [present]", "NSD [present]", "present"]
+    lines = [f"{'organ':<{width}}  {header[0]:>16}  {header[1]:>16}  {header[2]:>13}  {header[3]:>13}  {header[4]:>9}"]
     for row in summary:
-        cells = [f"{row[m + '_mean']:.4f} +- {row[m + '_std']:.4f}" for m in ("DSC", "NSD")]
-        lines.append(f"{row['organ']:<{width}}  {cells[0]:>15}  {cells[1]:>15}")
-    return "\n".join(lines)
+        flare = [f"{row[m + '_mean']:.4f} +- {row[m + '_std']:.4f}" for m in ("DSC", "NSD")]
+        present = [_number(row[f"{m}_present_mean"]) for m in ("DSC", "NSD")]
+        count = f"{row['n_present']} organs" if row["organ"] == "mean" else f"{row['n_present']}/{row['n']}"
+        lines.append(f"{row['organ']:<{width}}  {flare[0]:>16}  {flare[1]:>16}  {present[0]:>13}  {present[1]:>13}"
+                     f"  {count:>9}")
+    return "\n".join(lines + ["", SUMMARY_FOOTNOTE])
+
+
+def _number(value: object) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
 def _organ_spec(name: str, value: int, default_tolerance_mm: float) -> OrganSpec:

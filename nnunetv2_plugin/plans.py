@@ -23,6 +23,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from lkm_unet import LKMUNet, derive_kernel_sizes, load_config
 from lkm_unet.nets.lkm_unet import DEFAULT_MEMORY_OPTIONS
 from lkm_unet.presets import PRESETS
+from nnunetv2_plugin.patch_sizes import patch_stride_errors
 
 
 LKM_NETWORK_CLASS = "lkm_unet.nets.lkm_unet.LKMUNet"
@@ -38,7 +39,14 @@ BACKBONE_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "s
 
 
 class PlansError(ValueError):
-    """An LKM-UNet plans entry that cannot work; the message names file, configuration, key and stage."""
+    """An LKM-UNet plans entry that cannot work; the message names file, configuration, key and stage.
+
+    ``messages`` holds every problem found (one per stage, block and axis); ``str()`` joins them by lines.
+    """
+
+    def __init__(self, *messages: str) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = list(messages)
 
 
 def is_lkm_architecture(configuration: ConfigurationManager) -> bool:
@@ -79,8 +87,10 @@ def lkm_architecture(configuration: ConfigurationManager, preset: str = "auto",
 def validate_architecture(architecture: dict[str, Any], patch_size: list[int], where: str) -> list[dict]:
     """Build the network on the meta device and check it against ``patch_size``.
 
-    Returns the per-stage table (:meth:`LKMUNet.validate_input_size`); raises :class:`PlansError`
-    prefixed with ``where`` (file and configuration) naming the key, stage and axis at fault.
+    Returns the per-stage table (:meth:`LKMUNet.validate_input_size`); raises :class:`PlansError` with
+    every problem found, each prefixed with ``where`` (file and configuration): each patch axis the
+    strides do not divide or, if there is none, each stage, block and axis whose size does not divide its
+    feature map.
     """
     kwargs = architecture.get("arch_kwargs", {})
     for key in ("pim_kernel_sizes", "pam_pool_sizes"):
@@ -93,9 +103,13 @@ def validate_architecture(architecture: dict[str, Any], patch_size: list[int], w
     try:
         with torch.device("meta"):
             network = LKMUNet(input_channels=1, num_classes=2, **kwargs)
-        return network.validate_input_size(patch_size)
     except (TypeError, ValueError) as error:
         raise PlansError(f"{where}: {error}") from None
+    # A patch the strides do not divide has no well-defined stage maps: report it alone, windows after.
+    errors = patch_stride_errors(patch_size, kwargs["strides"]) or network.input_size_errors(patch_size)
+    if errors:
+        raise PlansError(*(f"{where}: {error}" for error in errors))
+    return network.validate_input_size(patch_size)
 
 
 def resolve_architecture(configuration: ConfigurationManager, where: str,

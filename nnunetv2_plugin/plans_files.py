@@ -105,7 +105,9 @@ def _fit_memory(entry: dict, arch_kwargs: dict, patch_size: list[int], gpu_memor
 
 def check_plans(dataset: str | int, plans_identifier: str = DEFAULT_TARGET_PLANS,
                 configurations: Optional[Sequence[str]] = None) -> dict[str, str]:
-    """Validate every LKM-UNet configuration of a (hand-edited) plans file; the per-stage tables."""
+    """Validate every LKM-UNet configuration of a (hand-edited) plans file; the per-stage tables.
+
+    Raises :class:`PlansError` listing every problem of every configuration (``messages``)."""
     path = plans_path(dataset, plans_identifier)
     if not path.is_file():
         raise PlansError(f"{path} does not exist; write it with `lkm-unet plans {dataset}`")
@@ -114,7 +116,7 @@ def check_plans(dataset: str | int, plans_identifier: str = DEFAULT_TARGET_PLANS
     except json.JSONDecodeError as error:
         raise PlansError(f"{path} is not valid JSON: {error}") from None
     manager = PlansManager(plans)
-    tables = {}
+    tables, errors = {}, []
     for name in _configurations(plans, configurations, path):
         configuration = manager.get_configuration(name)
         if configuration.network_arch_class_name.split(".")[-1] != "LKMUNet":
@@ -125,8 +127,14 @@ def check_plans(dataset: str | int, plans_identifier: str = DEFAULT_TARGET_PLANS
         raw = plans["configurations"][name].get("architecture") or {
             "arch_kwargs": configuration.network_arch_init_kwargs,
             "_kw_requires_import": configuration.network_arch_init_kwargs_req_import}
-        rows = validate_architecture(raw, list(configuration.patch_size), f"{path}, configuration {name!r}")
+        try:
+            rows = validate_architecture(raw, list(configuration.patch_size), f"{path}, configuration {name!r}")
+        except PlansError as error:  # go on: report every configuration's problems in one run
+            errors += error.messages
+            continue
         tables[name] = stage_table(rows, raw["arch_kwargs"].get("pim_grouping", "window"))
+    if errors:
+        raise PlansError(*errors)
     if not tables:
         raise PlansError(f"{path}: no configuration uses LKM-UNet; write one with `lkm-unet plans {dataset}`")
     return tables

@@ -6,10 +6,14 @@ both are installed:
 
     python3 scripts/gpu_check.py --out results/ [--sections parity,module,bench,train,gradcheck,compile]
 
+Backends compared: ``cuda`` (mamba-ssm's kernel), ``triton`` (this package's Triton kernels), ``torch``.
+A training-step backend written ``triton/nocc`` runs with causal-conv1d switched off (the depthwise conv
+through cuDNN's grouped ``nn.Conv1d``), to judge whether that path is within 20% of causal-conv1d.
+
 Sections (results go to ``<out>/results.json`` after each one; a short table is printed last):
 
-- ``parity``: ``selective_scan`` with ``backend="cuda"`` (mamba-ssm's kernel), ``"torch"`` and ``"ref"``
-  (fp64): output and the gradient of every input, ``||a - b|| / ||b||``, with and without z, D,
+- ``parity``: ``selective_scan`` with ``backend="cuda"`` (mamba-ssm's kernel), ``"triton"``, ``"torch"`` and
+  ``"ref"`` (fp64) on the six shapes of docs/benchmarks.md: output and the gradient of every input, ``||a - b|| / ||b||``, with and without z, D,
   delta_bias and softplus.
 - ``module``: ``mamba_ssm.modules.mamba_simple.Mamba`` against ``lkm_unet.Mamba`` (state_dict both ways
   with ``strict=True``, same-seed initialisation, outputs and gradients).
@@ -18,7 +22,8 @@ Sections (results go to ``<out>/results.json`` after each one; a short table is 
   process with a time limit: step time, peak memory, loss/gradient agreement between backends, NaN check.
 - ``gradcheck``: step-0 gradients of one network per backend, repeated, in bf16 autocast and in fp32, in
   one process: how far the backends' gradients differ beyond run-to-run nondeterminism, and where.
-- ``compile``: the same step through ``torch.compile`` with the cuda backend.
+- ``compile``: the same step through ``torch.compile`` per backend of ``--compile-backends``, with the
+  number of graph breaks (the scan is a registered custom op: expected 0).
 
 ``--smoke`` runs tiny versions of parity/module/bench on whatever device is there (CPU included), to
 check the script itself.
@@ -49,11 +54,17 @@ if str(ROOT) not in sys.path:
 
 import lkm_unet  # noqa: E402
 from lkm_unet import scan_backend, selective_scan  # noqa: E402
+from lkm_unet.ops.selective_scan import resolve_backend  # noqa: E402
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 TENSOR_NAMES = ("y",) + tuple("d" + n for n in GRAD_NAMES)
 T0 = float(os.environ.get("GPU_CHECK_T0", time.time()))
-DEADLINE = T0 + float(os.environ.get("GPU_CHECK_BUDGET_S", "1e9"))
+# GPU_CHECK_RESERVE_S: seconds kept for what gpu_check.sh runs after this script
+DEADLINE = T0 + float(os.environ.get("GPU_CHECK_BUDGET_S", "1e9")) - float(os.environ.get("GPU_CHECK_RESERVE_S", "0"))
+# flag combinations (z, D, bias, softplus) the triton backend is checked on: each one is a separately
+# compiled kernel variant, so not all 16 (compile time counts against the device budget)
+TRITON_FLAGS = [(True, True, True, True), (False, False, False, False), (True, False, True, True),
+                (False, True, False, False)]
 RESULTS: dict[str, Any] = {}
 
 
@@ -127,7 +138,7 @@ def flag_name(flags: tuple[bool, ...]) -> str:
     return "+".join(n for n, f in zip(("z", "D", "bias", "softplus"), flags) if f) or "none"
 
 
-def section_parity(dev: torch.device, cuda_ok: bool, smoke: bool) -> None:
+def section_parity(dev: torch.device, cuda_ok: bool, smoke: bool, triton_ok: bool = False) -> None:
     """Max relative error per tensor, per shape and backend pair, over flag combinations."""
     all_flags = list(itertools.product((False, True), repeat=4))
     some_flags = [(True, True, True, True), (False, False, False, False)]
@@ -136,7 +147,8 @@ def section_parity(dev: torch.device, cuda_ok: bool, smoke: bool) -> None:
         plan = [((2, 8, 33), all_flags, True)]
     else:
         plan = [((2, 32, 257), all_flags, True), ((2, 64, 1600), some_flags, True),
-                ((1600, 64, 64), some_flags, False), ((1, 640, 840), some_flags, False),
+                ((64, 64, 1600), some_flags, False), ((1600, 64, 64), some_flags, False),
+                ((400, 256, 16), some_flags, False), ((1, 640, 840), some_flags, False),
                 ((1, 64, 26880), some_flags, False)]
     rows = []
     for (b, d, l), flag_list, with_ref in plan:
@@ -148,11 +160,14 @@ def section_parity(dev: torch.device, cuda_ok: bool, smoke: bool) -> None:
             outs = {"torch": run_scan("torch", inp, dy)}
             if cuda_ok:
                 outs["cuda"] = run_scan("cuda", inp, dy)
+            if triton_ok and flags in TRITON_FLAGS:
+                outs["triton"] = run_scan("triton", inp, dy)
             if with_ref:
                 outs["ref64"] = run_scan("ref", inp, dy, dtype=torch.float64)
                 if l <= 300:
                     outs["ref32"] = run_scan("ref", inp, dy)
-            pairs = [("cuda", "torch"), ("cuda", "ref64"), ("torch", "ref64"), ("ref32", "ref64")]
+            pairs = [("cuda", "torch"), ("cuda", "ref64"), ("torch", "ref64"), ("ref32", "ref64"),
+                     ("triton", "cuda"), ("triton", "torch"), ("triton", "ref64")]
             for a, bb in pairs:
                 if a in outs and bb in outs:
                     key = f"{a} vs {bb}"
@@ -316,7 +331,9 @@ def section_bench(dev: torch.device, cuda_ok: bool, smoke: bool, backends: list[
         sets = [scan_inputs(b, d, l, n, (True, True, True, True), dev) for _ in range(n_sets)]
         dys = [torch.randn(b, d, l, device=dev) for _ in range(n_sets)]
         for backend in backends:
-            if backend == "cuda" and not cuda_ok:
+            if lkm_unet.available_backends().get(backend, "ok") != "ok":
+                rows.append({"shape": [b, d, l], "backend": backend,
+                             "skipped": lkm_unet.available_backends()[backend][:200]})
                 continue
             if left() < 60:
                 rows.append({"shape": [b, d, l], "backend": backend, "skipped": "out of time"})
@@ -384,8 +401,13 @@ def ds_loss(outs: Any, target: torch.Tensor) -> torch.Tensor:
 def worker_train(config: str, backend: str, budget: float, compile_: bool, grad_out: Optional[str],
                  smoke: bool = False) -> dict:
     """One config/backend: step-0 loss and gradients (same weights/input in every process), then timed
-    SGD steps under bf16 autocast."""
+    SGD steps under bf16 autocast. ``backend`` may end in ``/nocc``: causal-conv1d switched off."""
     t_start = time.time()
+    variant = backend
+    backend, _, option = backend.partition("/")
+    from lkm_unet.modules import mamba as mamba_module
+    if option == "nocc":
+        mamba_module._causal_conv1d_fn = lambda: None  # the depthwise conv through nn.Conv1d (cuDNN)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, patch = TRAIN_CONFIGS[config]
     extra: dict[str, Any] = {}
@@ -401,8 +423,10 @@ def worker_train(config: str, backend: str, budget: float, compile_: bool, grad_
     torch.backends.cudnn.benchmark = True  # as nnU-Net
     model = torch.compile(net) if compile_ else net
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    res: dict[str, Any] = {"config": config, "backend": backend, "batch": batch, "patch": list(patch),
-                           "compile": compile_, "params_M": sum(p.numel() for p in net.parameters()) / 1e6}
+    res: dict[str, Any] = {"config": config, "backend": variant, "batch": batch, "patch": list(patch),
+                           "compile": compile_, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+                           "causal_conv1d": mamba_module._causal_conv1d_fn() is not None,
+                           "scan_backend_resolved": resolve_backend(backend, dev)}
 
     def step(update: bool) -> float:
         opt.zero_grad(set_to_none=True)
@@ -573,7 +597,7 @@ def section_train(configs: list[str], backends: list[str], limits: dict[str, flo
             if budget < 30:
                 rows.append({"config": config, "backend": backend, "skipped": "out of time"})
                 continue
-            grad_file = f"/tmp/lkm_grad_{config}_{backend}.pt"
+            grad_file = f"/tmp/lkm_grad_{config}_{backend.replace('/', '_')}.pt"
             res = run_worker(["--worker", "train", "--config", config, "--backend", backend,
                               "--budget", str(budget - 15), "--grad-out", grad_file]
                              + (["--smoke"] if smoke else []), budget)
@@ -582,10 +606,11 @@ def section_train(configs: list[str], backends: list[str], limits: dict[str, flo
             rows.append(res)
             if "loss0" in res:
                 got[backend] = (res["loss0"], grad_file)
-        if len(got) == 2:
-            (la, ga), (lb, gb) = got["cuda"], got["torch"]
+        first = next(iter(got), None)
+        for other in list(got)[1:]:
+            (la, ga), (lb, gb) = got[other], got[first]
             g_a, g_b = torch.load(ga), torch.load(gb)
-            agree = {"config": config, "loss_cuda": la, "loss_torch": lb,
+            agree = {"config": config, "pair": f"{other} vs {first}", "loss_a": la, "loss_b": lb,
                      "loss_rel_diff": abs(la - lb) / abs(lb), "grad_rel_diff": rel(g_a, g_b)}
             RESULTS.setdefault("train_agreement", []).append(agree)
             log("train agreement:", agree)
@@ -593,16 +618,17 @@ def section_train(configs: list[str], backends: list[str], limits: dict[str, flo
             Path(g).unlink(missing_ok=True)
 
 
-def section_compile(configs: list[str], limit: float, smoke: bool) -> None:
+def section_compile(configs: list[str], backends: list[str], limit: float, smoke: bool) -> None:
     rows = RESULTS.setdefault("compile", [])
-    for config in configs:
+    for config, backend in itertools.product(configs, backends):
         budget = min(limit, left() - 20)
         if budget < 60:
-            rows.append({"config": config, "skipped": "out of time"})
+            rows.append({"config": config, "backend": backend, "skipped": "out of time"})
             continue
-        res = run_worker(["--worker", "compile", "--config", config, "--backend", "cuda",
+        res = run_worker(["--worker", "compile", "--config", config, "--backend", backend,
                           "--budget", str(budget - 15)] + (["--smoke"] if smoke else []), budget)
         res.setdefault("config", config)
+        res.setdefault("backend", backend)
         rows.append(res)
 
 
@@ -655,7 +681,7 @@ def print_tables() -> None:
             lines.append(f"| {r['config']} | {r['backend']} | {r['step_ms_median']:.1f} | {len(r['step_ms_all'])} | "
                          f"{r['first_step_s']:.1f} | {r['peak_gib']:.2f} | {r['loss0']:.6f} | {r['all_finite']} |")
         for a in RESULTS.get("train_agreement", []):
-            lines.append(f"agreement {a['config']}: loss cuda {a['loss_cuda']:.6f} torch {a['loss_torch']:.6f} "
+            lines.append(f"agreement {a['config']} {a['pair']}: loss {a['loss_a']:.6f} vs {a['loss_b']:.6f} "
                          f"rel {a['loss_rel_diff']:.1e}; grads rel {a['grad_rel_diff']:.1e}")
     for r in RESULTS.get("gradcheck", []):
         for k, v in r.items():
@@ -665,11 +691,11 @@ def print_tables() -> None:
             lines.append(f"gradcheck {r['config']}: {r['error'][:500]}")
     for r in RESULTS.get("compile", []):
         if "step_ms_median" in r:
-            lines.append(f"compile {r['config']}: OK, first (compiling) step {r['first_step_s']:.1f} s, "
+            lines.append(f"compile {r['config']} {r.get('backend')}: OK, first (compiling) step {r['first_step_s']:.1f} s, "
                          f"then {r['step_ms_median']:.1f} ms/step, loss0 {r['loss0']:.6f}, "
                          f"graph breaks {r.get('graph_break_total')}")
         else:
-            lines.append(f"compile {r['config']}: FAILED/skipped: {r.get('skipped') or r.get('error', '')[:1500]}")
+            lines.append(f"compile {r['config']} {r.get('backend')}: FAILED/skipped: {r.get('skipped') or r.get('error', '')[:1500]}")
     lines.append(f"elapsed {time.time() - T0:.0f} s")
     print("\n".join(lines), flush=True)
 
@@ -677,14 +703,20 @@ def print_tables() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
-    p.add_argument("--sections", default="parity,module,bench,train,gradcheck,compile")
-    p.add_argument("--bench-backends", default="cuda,torch")
+    # in order of priority: a section that finds too little time left is skipped
+    p.add_argument("--sections", default="parity,bench,train,compile",
+                   help="any of parity,bench,train,compile,module,gradcheck, run in the order given")
+    p.add_argument("--bench-backends", default="cuda,triton")
     p.add_argument("--train-configs", default="abdomen_mr_2d,abdomen_ct_3d")
-    p.add_argument("--train-backends", default="cuda,torch")
-    p.add_argument("--train-limits", default="abdomen_mr_2d:cuda=60,abdomen_mr_2d:torch=90,"
-                                             "abdomen_ct_3d:cuda=90,abdomen_ct_3d:torch=120",
+    p.add_argument("--train-backends", default="cuda,triton,triton/nocc",
+                   help="/nocc: with causal-conv1d switched off (nn.Conv1d through cuDNN)")
+    p.add_argument("--train-limits", default="abdomen_mr_2d:cuda=60,abdomen_mr_2d:triton=75,"
+                                             "abdomen_mr_2d:triton/nocc=60,abdomen_mr_2d:torch=90,"
+                                             "abdomen_ct_3d:cuda=90,abdomen_ct_3d:triton=100,"
+                                             "abdomen_ct_3d:triton/nocc=90,abdomen_ct_3d:torch=120",
                    help="seconds per config:backend process")
     p.add_argument("--compile-configs", default="abdomen_mr_2d")
+    p.add_argument("--compile-backends", default="triton,cuda")
     p.add_argument("--gradcheck-configs", default="abdomen_mr_2d")
     p.add_argument("--compile-limit", type=float, default=150)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script")
@@ -706,7 +738,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     backends = lkm_unet.available_backends()
     cuda_ok = backends["cuda"] == "ok"
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda,
+    triton_ok = backends["triton"] == "ok"
+    env = {"triton_backend": backends["triton"][:300], "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "none",
            "python": sys.version.split()[0], "cuda_backend": backends["cuda"][:200]}
     for pkg in ("mamba_ssm", "causal_conv1d", "triton"):
@@ -725,12 +758,13 @@ def main() -> None:
         k, v = item.rsplit("=", 1)
         limits[k] = float(v)
     jobs = {
-        "parity": lambda: section_parity(dev, cuda_ok, ns.smoke),
+        "parity": lambda: section_parity(dev, cuda_ok, ns.smoke, triton_ok),
         "module": lambda: section_module(dev, cuda_ok, ns.smoke),
         "bench": lambda: section_bench(dev, cuda_ok, ns.smoke, ns.bench_backends.split(",")),
         "train": lambda: section_train(ns.train_configs.split(","), ns.train_backends.split(","), limits, ns.smoke),
         "gradcheck": lambda: section_gradcheck(ns.gradcheck_configs.split(","), 150, ns.smoke),
-        "compile": lambda: section_compile(ns.compile_configs.split(","), ns.compile_limit, ns.smoke),
+        "compile": lambda: section_compile(ns.compile_configs.split(","), ns.compile_backends.split(","),
+                                           ns.compile_limit, ns.smoke),
     }
     for name in sections:
         if name in ("train", "compile", "gradcheck") and dev.type != "cuda" and not ns.smoke:

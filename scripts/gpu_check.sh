@@ -13,8 +13,11 @@
 #                                                 script on the same image; unpacked instead of building
 # Environment: CUDA_ARCH (default 90: sm_90 only), MAX_JOBS (default: all cores),
 #   GPU_CHECK_BUDGET_S (seconds the whole command may take, default 570; later sections skip when short),
-#   GPU_CHECK_PYTEST=0 to skip the pytest run.
-# Outputs in $OUT: log (everything), build_mamba.log, build_causal.log, results.json, and site.tar.xz.NN
+#   GPU_CHECK_PYTEST=0 to skip the pytest run,
+#   GPU_CHECK_MEMORY_S (default 120): seconds kept at the end for scripts/benchmark_memory.py --device cuda,
+#   when that script exists (0 skips it).
+# Outputs in $OUT: log (everything), build_mamba.log, build_causal.log, results.json, memory.log (the
+# memory benchmark's output, when it ran), and site.tar.xz.NN
 # (the build, packed, to reuse as prebuilt/ in a later run).
 set -uo pipefail
 export GPU_CHECK_T0=$(date +%s)
@@ -84,12 +87,32 @@ main() {
     fi
     python3 -c 'import lkm_unet; print("lkm_unet backends:", lkm_unet.available_backends())'
     if [ "${GPU_CHECK_PYTEST:-1}" = 1 ]; then
-        echo "== pytest tests/ops/test_cuda_backend.py =="
-        python3 -m pytest -q -rs -p no:cacheprovider --noconftest tests/ops/test_cuda_backend.py
+        echo "== pytest tests/ops/test_cuda_backend.py tests/ops/test_selective_scan_triton.py =="
+        # the triton tests run compiled on the GPU here (no interpreter), at their tiny sizes
+        timeout $(( $(remaining) / 4 )) python3 -m pytest -q -rs -p no:cacheprovider --noconftest \
+            tests/ops/test_cuda_backend.py tests/ops/test_selective_scan_triton.py
         echo "pytest exit $?"
     fi
-    echo "== scripts/gpu_check.py =="
-    python3 scripts/gpu_check.py --out "$OUT" "$@"
+    local memory_s=0
+    if [ -f scripts/benchmark_memory.py ]; then memory_s=${GPU_CHECK_MEMORY_S:-120}; fi
+    echo "== scripts/gpu_check.py (keeping ${memory_s} s for the memory benchmark) =="
+    GPU_CHECK_RESERVE_S=$memory_s python3 scripts/gpu_check.py --out "$OUT" "$@" \
+        || echo "gpu_check.py exit $? (sections record their own failures in results.json)"
+    if [ "$memory_s" -gt 0 ]; then
+        local limit=$(( $(remaining) - 5 ))
+        if [ "$limit" -lt 30 ]; then
+            echo "== scripts/benchmark_memory.py: skipped, ${limit} s left =="
+        else
+            echo "== scripts/benchmark_memory.py --device cuda (limit ${limit} s) =="
+            timeout "$limit" python3 scripts/benchmark_memory.py --device cuda > "$OUT/memory.log" 2>&1
+            echo "benchmark_memory exit $? (output: memory.log)"
+            tail -60 "$OUT/memory.log"
+        fi
+    fi
+}
+
+remaining() {  # seconds left of GPU_CHECK_BUDGET_S
+    echo $(( GPU_CHECK_T0 + GPU_CHECK_BUDGET_S - $(date +%s) ))
 }
 
 main "$@" 2>&1 | tee "$OUT/log"

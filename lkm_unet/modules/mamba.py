@@ -2,7 +2,8 @@
 
 Parameter names, shapes and initialisation follow mamba-ssm so that a state_dict saved from its
 ``Mamba`` loads here with ``strict=True`` and gives the same output. The selective scan is
-:func:`lkm_unet.ops.selective_scan` (mamba-ssm's kernel on CUDA when available, else the torch scan).
+:func:`lkm_unet.ops.selective_scan` (its ``auto`` backend order: mamba-ssm's kernel, triton or the torch
+scan on CUDA; numba or the torch scan on the CPU).
 """
 from __future__ import annotations
 

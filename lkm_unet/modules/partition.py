@@ -38,7 +38,7 @@ def _order(ndim: int, grouping: str) -> list[int]:
 
 
 def _sequence_length(shape: Sequence[int], k: Sequence[int], grouping: str) -> int:
-    return math.prod(k) if grouping == "window" else math.prod(s // w for s, w in zip(shape[2:], k))
+    return math.prod(k) if grouping == "window" else math.prod([s // w for s, w in zip(shape[2:], k)])
 
 
 def partition(x: Tensor, k: Sequence[int], grouping: str, rows: Optional[tuple[int, int, int]] = None) -> Tensor:

@@ -6,6 +6,7 @@ window and the nearest sizes that would work. Never a silent change of semantics
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 SHAPE_POLICIES = ("pad", "error")
@@ -46,22 +47,46 @@ def padding_for(
 ) -> tuple[int, ...]:
     """Per-axis amount to pad ``spatial`` at the end so that ``sizes`` divide it.
 
-    Under policy ``error`` a non-dividing axis raises a ValueError naming ``where`` (e.g. 'stage 2 PiM'),
-    ``what`` ('window', 'pool'), the axis, the size and the nearest valid feature-map sizes; with
-    ``input_stride`` (the stage's total downsampling per axis) also the nearest valid patch sizes.
+    Under policy ``error`` a non-dividing axis raises a ValueError: the first message of
+    :func:`divisibility_errors`.
     """
-    pads = tuple((-s) % k for s, k in zip(spatial, sizes))
     if policy == "error":
-        for axis, (s, k, pad) in enumerate(zip(spatial, sizes, pads)):
-            if pad:
-                message = (f"{where}: {what} {k} does not divide axis {axis} of the feature map "
-                           f"{tuple(spatial)} (size {s}); {what}s that divide it: "
-                           f"{' or '.join(map(str, nearest_divisors(s, k)))}")
-                if input_stride is not None:
-                    patches = nearest_multiples(s * input_stride[axis], k * input_stride[axis])
-                    message += f"; or a patch size of {' or '.join(map(str, patches))} on axis {axis}"
-                raise ValueError(message + "; or shape_policy='pad'")
-    return pads
+        errors = divisibility_errors(spatial, sizes, where, what, input_stride)
+        if errors:
+            raise ValueError(errors[0])
+    return tuple((-s) % k for s, k in zip(spatial, sizes))
+
+
+def divisibility_errors(
+    spatial: Sequence[int],
+    sizes: Sequence[int],
+    where: str,
+    what: str,
+    input_stride: Optional[Sequence[int]] = None,
+    patch_multiple: Optional[Sequence[int]] = None,
+) -> list[str]:
+    """One message per axis on which ``sizes`` does not divide ``spatial`` (empty when all divide).
+
+    Each names ``where`` (e.g. 'stage 2 PiM'), ``what`` ('kernel size', 'pool size'), the axis, the size
+    and the nearest valid sizes; with ``input_stride`` (the stage's total downsampling per axis) also the
+    nearest valid patch sizes on that axis, multiples of ``patch_multiple`` too where given (the
+    network's total stride, which every patch must be a multiple of).
+    """
+    errors = []
+    for axis, (s, k) in enumerate(zip(spatial, sizes)):
+        if s % k == 0:
+            continue
+        message = (f"{where}: {what} {k} does not divide axis {axis} of the feature map "
+                   f"{tuple(spatial)} (size {s}); {what}s that divide it: "
+                   f"{' or '.join(map(str, nearest_divisors(s, k)))}")
+        if input_stride is not None:
+            multiple = k * input_stride[axis]
+            if patch_multiple is not None:
+                multiple = math.lcm(multiple, patch_multiple[axis])
+            patches = nearest_multiples(s * input_stride[axis], multiple)
+            message += f"; or a patch size of {' or '.join(map(str, patches))} on axis {axis}"
+        errors.append(message + "; or shape_policy='pad'")
+    return errors
 
 
 def nearest_divisors(size: int, target: int) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lkm_unet.modules.partition import GROUPINGS
 from lkm_unet.modules.patch_ssm import PatchSSM
 from lkm_unet.modules.pixel_ssm import PixelSSM
-from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
+from lkm_unet.modules.shape_policy import check_policy, divisibility_errors, padding_for, per_axis
 from lkm_unet.nets.lkm_encoder import LKMDecoder, LKMEncoder, LKMStage
 from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
 
@@ -149,19 +149,35 @@ class LKMUNet(nn.Module):
         """Check every stage's window and pool against the feature maps of ``patch_size``.
 
         Returns one row per stage (feature size, window, pool, padding each needs). Under
-        ``shape_policy="error"`` a size that does not divide raises the ValueError PiM/PaM would raise.
+        ``shape_policy="error"`` a size that does not divide raises a ValueError with the first message
+        of :meth:`input_size_errors` (which lists them all).
         """
+        errors = self.input_size_errors(patch_size)
+        if errors:
+            raise ValueError(errors[0])
         rows = []
         for s, (size, lkm) in enumerate(zip(stage_feature_sizes(patch_size, self.encoder.strides),
                                             self.encoder.lkm_stages)):
             pads = []
             for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
-                pads.append(padding_for(size, sizes, self.shape_policy, block.where,
-                                        block.size_name.replace("_", " "), block.input_stride))
+                pads.append(padding_for(size, sizes, "pad", block.where, block.size_name.replace("_", " ")))
             rows.append({"stage": s, "feature_size": size, "pim_kernel_size": list(lkm.pim.kernel_size),
                          "pam_pool_size": list(lkm.pam.pool_size), "pim_padding": list(pads[0]),
                          "pam_padding": list(pads[1])})
         return rows
+
+    def input_size_errors(self, patch_size: Sequence[int]) -> list[str]:
+        """Every stage, block (PiM, PaM) and axis whose size does not divide the feature map of
+        ``patch_size``, one message each with the sizes that would; empty under ``shape_policy="pad"``."""
+        if self.shape_policy != "error":
+            return []
+        total = self.encoder.lkm_stages[-1].pim.input_stride  # the patch must be a multiple of it
+        errors = []
+        for size, lkm in zip(stage_feature_sizes(patch_size, self.encoder.strides), self.encoder.lkm_stages):
+            for block, sizes in ((lkm.pim, lkm.pim.kernel_size), (lkm.pam, lkm.pam.pool_size)):
+                errors += divisibility_errors(size, sizes, block.where, block.size_name.replace("_", " "),
+                                              block.input_stride, total)
+        return errors
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Activation count nnU-Net's planners use to size batches (conv maps plus PiM/PaM)."""

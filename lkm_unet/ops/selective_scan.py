@@ -1,41 +1,42 @@
-"""Public selective scan: one signature (mamba-ssm's ``selective_scan_fn``), three backends.
+"""Public selective scan: one signature (mamba-ssm's ``selective_scan_fn``), several backends.
 
-- ``cuda``: mamba-ssm's fused kernel, for CUDA tensors when mamba-ssm imports with its kernel built.
+- ``cuda``: mamba-ssm's fused kernel, for CUDA tensors when its compiled extension imports.
+- ``triton``: Triton kernels (:mod:`lkm_unet.ops.selective_scan_triton`), for CUDA tensors, no build step.
+- ``numba``: a fused CPU kernel (``lkm_unet.ops.selective_scan_numba``), when that module and numba import.
 - ``torch``: the chunked pure-PyTorch scan (:mod:`lkm_unet.ops.selective_scan_torch`), any device.
-- ``ref``: the sequential oracle (:mod:`lkm_unet.ops.selective_scan_ref`).
+- ``ref``: the sequential oracle (:mod:`lkm_unet.ops.selective_scan_ref`), plain autograd.
 
-The backend is chosen per call. Precedence: the ``backend`` argument, then :func:`scan_backend` (a
-context manager), then the environment variable ``LKM_UNET_SCAN_BACKEND``, then ``auto`` (cuda for
-CUDA tensors when the kernel is usable, torch otherwise).
+All but ``ref`` run through one custom op (:mod:`lkm_unet.ops.selective_scan_op`), so torch.compile sees
+the same opaque node whatever the backend. The backend is chosen per call. Precedence: the ``backend``
+argument, then :func:`scan_backend` (a context manager), then the environment variable
+``LKM_UNET_SCAN_BACKEND``, then ``auto``: for CUDA tensors cuda, else triton, else torch; for CPU tensors
+numba, else torch. A backend that cannot run on the tensors' device falls back along that order with
+one warning.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import logging
 import os
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
+from lkm_unet.ops import selective_scan_backends as backends
+from lkm_unet.ops.selective_scan_backends import CUDA_INSTALL_HINT
+from lkm_unet.ops.selective_scan_op import selective_scan_op
 from lkm_unet.ops.selective_scan_ref import selective_scan_ref
-from lkm_unet.ops.selective_scan_torch import selective_scan_torch
 
 logger = logging.getLogger("lkm_unet")
 
 ENV_VAR = "LKM_UNET_SCAN_BACKEND"
-BACKENDS = ("auto", "torch", "cuda", "ref")
+BACKENDS = ("auto", "cuda", "triton", "numba", "torch", "ref")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("numba", "torch")}
 
-CUDA_INSTALL_HINT = (
-    "install the CUDA kernels into this CUDA torch environment with "
-    "`MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation \"mamba-ssm>=2.2,<2.4\"` and "
-    "`CAUSAL_CONV1D_FORCE_BUILD=TRUE pip install --no-build-isolation \"causal-conv1d>=1.4,<1.7\"` "
-    "(the 2.2/2.3 releases always build the Mamba-1 scan kernel; source trees after 2.3.2.post1 build it "
-    "only with MAMBA_KEEP_CUDA_BUILD=TRUE added); `lkm-unet doctor` shows what is missing"
-)
+__all__ = ["BACKENDS", "CUDA_INSTALL_HINT", "ENV_VAR", "available_backends", "resolve_backend", "scan_backend",
+           "selective_scan"]
 
 _context_backend: Optional[str] = None
 _warned: set[str] = set()
@@ -59,49 +60,43 @@ def scan_backend(name: str) -> Iterator[None]:
         _context_backend = previous
 
 
-def _installed(module: str) -> bool:
-    """Whether ``module`` could be imported, without importing it (slow, and odd without a GPU)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[module] = None
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_scan() -> tuple[Optional[Callable[..., Tensor]], str]:
-    """mamba-ssm's ``selective_scan_fn`` and 'ok', or None and why it is unusable."""
-    if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device" + ("" if _installed("mamba_ssm") else " and mamba-ssm is not installed")
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ModuleNotFoundError as error:
-        missing = error.name or "mamba_ssm"
-        if missing.startswith("mamba_ssm"):
-            return None, "mamba-ssm is not installed"
-        if missing.startswith("selective_scan_cuda"):
-            return None, "mamba-ssm is installed without its compiled selective_scan_cuda kernel"
-        return None, f"mamba-ssm does not import ({missing} is missing)"
-    except Exception as error:  # a broken build raises ImportError/OSError with a linker message
-        return None, f"mamba-ssm does not import: {type(error).__name__}: {error}"
-    return selective_scan_fn, "ok"
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def available_backends() -> dict[str, str]:
-    """Each backend mapped to 'ok' or the reason it cannot run here (with the fix, where a GPU is seen)."""
-    fn, reason = _cuda_scan()
-    if fn is not None:
-        cuda = "ok"
-    elif not torch.cuda.is_available():
-        cuda = reason  # no kernel build helps without a GPU
-    else:
-        cuda = f"{reason}: {CUDA_INSTALL_HINT}"
-    return {"torch": "ok", "ref": "ok", "cuda": cuda}
+    """Each backend mapped to 'ok' or the reason it cannot run here (with the fix, where one helps)."""
+    return {name: backends.report(name) for name in ("torch", "ref", "cuda", "triton", "numba")}
+
+
+def _auto(device_type: str) -> tuple[str, list[str]]:
+    """The first usable backend of the auto order for ``device_type``, and why each earlier one is not."""
+    skipped = []
+    for name in AUTO_ORDER.get(device_type, ("torch",)):
+        reason = backends.status(name, device_type)
+        if reason == "ok":
+            return name, skipped
+        skipped.append(f"{name}: {reason}")
+    return "torch", skipped
+
+
+def _announce(device_type: str, name: str, skipped: list[str], requested: str) -> None:
+    """One line, once per process and device type, when the scan on CUDA is not mamba-ssm's kernel."""
+    if device_type != "cuda" and requested == "auto":
+        return  # numba or torch on the CPU: the expected choice
+    why = "; ".join(skipped)
+    if requested != "auto":
+        _warn_once(f"{requested}:{device_type}",
+                   f"selective_scan: backend {requested!r} cannot run on {device_type} tensors here ({why}); "
+                   f"using the {name} backend")
+    elif name == "torch":
+        _warn_once("cuda", f"selective_scan: using the torch backend on CUDA because {why}; for a faster scan, "
+                           f"{CUDA_INSTALL_HINT}, or install triton")
+    elif name == "triton" and "triton" not in _warned:
+        _warned.add("triton")
+        logger.warning("selective_scan: using the triton backend on CUDA because %s", why)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -113,18 +108,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         requested = _check_name(os.environ[ENV_VAR], ENV_VAR)
     if requested in ("torch", "ref"):
         return requested
-    explicit = requested == "cuda"
-    if device.type != "cuda":
-        if explicit:
-            _warn_once("cpu", f"selective_scan: backend 'cuda' was asked for {device.type} tensors; "
-                              "using the torch backend (mamba-ssm's kernel needs CUDA tensors)")
-        return "torch"
-    fn, reason = _cuda_scan()
-    if fn is None:
-        _warn_once("cuda", f"selective_scan: using the torch backend on CUDA because {reason}; "
-                           f"for the faster fused kernel, {CUDA_INSTALL_HINT}")
-        return "torch"
-    return "cuda"
+    device_type = torch.device(device).type
+    if requested != "auto":
+        reason = backends.status(requested, device_type)
+        if reason == "ok":
+            return requested
+        name, skipped = _auto(device_type)
+        _announce(device_type, name, [f"{requested}: {reason}"], requested)
+        return name
+    name, skipped = _auto(device_type)
+    _announce(device_type, name, skipped, requested)
+    return name
+
+
+def _resolve_constant(backend: str, device_type: str) -> str:
+    """:func:`resolve_backend`, which torch.compile evaluates once while tracing instead of tracing it."""
+    return resolve_backend(backend, torch.device(device_type))
+
+
+# What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (which imports
+# triton) when lkm_unet is imported; tests/ops/test_selective_scan_op.py fails if torch stops honouring it.
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def selective_scan(
@@ -146,9 +150,12 @@ def selective_scan(
     returns ``y: (b, d, l)``. See :func:`lkm_unet.ops.selective_scan_ref.selective_scan_ref` for the
     recurrence.
     """
-    name = resolve_backend(backend, u.device)
-    if name == "cuda":
-        fn, _ = _cuda_scan()
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    impl = selective_scan_torch if name == "torch" else selective_scan_ref
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if torch.compiler.is_compiling():
+        name = _resolve_constant(backend, u.device.type)
+    else:
+        name = resolve_backend(backend, u.device)
+    if name == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name in ("cuda", "triton") and u.dtype == torch.float64:
+        name = "torch"  # the GPU kernels compute in fp32; fp64 keeps fp64 arithmetic
+    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, name)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch selective scan: a chunked recurrence with a memory-light custom backward.
+"""Pure-PyTorch selective scan (the ``torch`` backend): a chunked recurrence with a memory-light backward.
 
 Same signature and semantics as :func:`lkm_unet.ops.selective_scan_ref.selective_scan_ref`, but 30-100x
 faster in training on a CPU (``docs/benchmarks.md``), with peak memory ``O(b * d * l)``: the backward
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lkm_unet.ops.selective_scan_chunks import ChunkScan, batch_blocks, chunk_length
 
@@ -157,32 +156,37 @@ def scan_backward(op: _Operands, starts: Tensor, dy: Tensor) -> dict[str, Tensor
 _NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-class _SelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-        z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-    ) -> Tensor:
-        op = _Operands.prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep_sig=True)
-        y, starts = scan_forward(op, keep_starts=True)
-        ctx.save_for_backward(op.dt, op.u, op.B, op.C, op.AT, op.D, op.z, op.sig, starts)
-        ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
-        return _from_time_major(y, u.dtype)
+def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:
+    """Shape of the chunk-start states :func:`scan_fwd` keeps: ``(n_chunks, batch, dstate, dim)``."""
+    return (-(-seqlen // chunk_length(seqlen)), batch, dstate, dim)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        dt, u, B, C, AT, D, z, sig, starts = ctx.saved_tensors
-        op = _Operands(dt=dt, u=u, B=B, C=C, AT=AT, D=D, z=z, sig=sig)
-        grads = scan_backward(op, starts, _to_time_major(dy, dt.dtype))
-        grads["A"] = grads.pop("AT").t()
-        out: list[Optional[Tensor]] = []
-        for name, need, dtype in zip(_NAMES, ctx.needs_input_grad, ctx.dtypes):
-            g = grads.pop(name, None) if need else None  # pop: each time-major copy dies once converted
-            if g is not None:
-                g = _from_time_major(g, dtype) if g.dim() == 3 else g.to(dtype)
-            out.append(g)
-        return (*out, None)
+
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """``(y: (b, d, l)`` in ``u``'s dtype, the chunk-start states in the compute dtype``)``."""
+    op = _Operands.prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep_sig=False)
+    y, starts = scan_forward(op, keep_starts=True)
+    return _from_time_major(y, u.dtype), starts
+
+
+def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+             states: Tensor) -> tuple[Optional[Tensor], ...]:
+    """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``, each in its input's dtype (None for a None input).
+
+    Re-prepares the time-major operands from the inputs and recomputes every chunk from ``states``.
+    """
+    op = _Operands.prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep_sig=True)
+    grads = scan_backward(op, states, _to_time_major(dout, op.dt.dtype))
+    grads["A"] = grads.pop("AT").t().contiguous()
+    del op
+    out: list[Optional[Tensor]] = []
+    for name, x in zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias)):
+        g = grads.pop(name, None) if x is not None else None  # pop: each time-major copy dies once converted
+        if g is not None:
+            g = _from_time_major(g, x.dtype) if g.dim() == 3 else g.to(x.dtype)
+        out.append(g)
+    return tuple(out)
 
 
 def selective_scan_torch(
@@ -196,7 +200,7 @@ def selective_scan_torch(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
 ) -> Tensor:
-    """Selective scan (Mamba-1, Gu & Dao 2023, Algorithm 2), chunked, with a custom backward.
+    """Selective scan (Mamba-1, Gu & Dao 2023, Algorithm 2), chunked: ``selective_scan(..., backend="torch")``.
 
     Shapes: ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``, ``D, delta_bias: (d,)``.
     Returns ``y: (b, d, l)`` in the dtype of ``u``; arithmetic in fp32 (fp64 for fp64 inputs). Every
@@ -206,10 +210,6 @@ def selective_scan_torch(
         h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
         y_t  = <C_t, h_t> + D * u_t;   y = y * silu(z) if z is given
     """
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    # inference: no chunk-start states to keep, no autograd node
-    op = _Operands.prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep_sig=False)
-    y, _ = scan_forward(op, keep_starts=False)
-    return _from_time_major(y, u.dtype)
+    from lkm_unet.ops.selective_scan import selective_scan  # here: the dispatcher loads this module lazily
+
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend="torch")

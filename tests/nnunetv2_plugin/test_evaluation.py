@@ -160,7 +160,7 @@ def test_folders_csvs_and_summary(tmp_path: Path) -> None:
     assert rows["mean"]["DSC_std"] == pytest.approx(0.3125)  # per-case means 1.0 and 0.375
     with (output / "per_case.csv").open() as handle:
         written = list(csv.DictReader(handle))
-    assert written[2] == {"case": "b", "organ": "liver", "DSC": "0.750000", "NSD": written[2]["NSD"]}
+    assert written[2] == {"case": "b", "organ": "liver", "DSC": "0.750000", "NSD": written[2]["NSD"], "in_reference": "1"}
     assert float(written[2]["NSD"]) == pytest.approx(per_case[2]["NSD"], abs=1e-6)
     with (output / "summary.csv").open() as handle:
         assert [r["organ"] for r in csv.DictReader(handle)] == ["liver", "kidney", "mean"]
@@ -199,9 +199,14 @@ def test_command_line_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureF
     _write_labels(cube, tmp_path / "pred" / "case.nii.gz")
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"), "--output-dir", str(tmp_path / "o")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["organ", "DSC", "NSD"]
-    assert lines[1].split() == ["liver", "1.0000", "+-", "0.0000", "1.0000", "+-", "0.0000"]
-    assert len(lines) == 15  # header, 13 organs, mean
+    assert lines[0].split() == ["organ", "DSC", "[FLARE]", "NSD", "[FLARE]", "DSC", "[present]", "NSD", "[present]",
+                                "present"]
+    assert lines[1].split() == ["liver", "1.0000", "+-", "0.0000", "1.0000", "+-", "0.0000", "1.0000", "1.0000", "1/1"]
+    assert lines[2].split() == ["right", "kidney", "1.0000", "+-", "0.0000", "1.0000", "+-", "0.0000", "-", "-", "0/1"]
+    assert lines[14].split() == ["mean", "1.0000", "+-", "0.0000", "1.0000", "+-", "0.0000", "1.0000", "1.0000", "1",
+                                 "organs"]
+    assert len(lines) == 20  # header, 13 organs, mean, blank line, 4 footnote lines
+    assert lines[16].startswith("[FLARE] the paper's rule: an organ absent from both reference and prediction scores 1")
     assert (tmp_path / "o" / "summary.csv").is_file()
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "missing")]) == 1
 

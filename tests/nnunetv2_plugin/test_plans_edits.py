@@ -44,7 +44,7 @@ def test_valid_edit_changes_the_built_network(lkm_plans):
      "pim_kernel_sizes has 3 entries but n_stages=4: pim_kernel_sizes=[[8, 8, 8], [8, 8, 8], [4, 4, 4]]"),
     ("pim_kernel_sizes", 2, [8, 8, 3],
      "stage 2 PiM (pim_kernel_sizes[2]): kernel size 3 does not divide axis 2 of the feature map (8, 8, 8) "
-     "(size 8); kernel sizes that divide it: 2 or 4; or a patch size of 24 or 36 on axis 2; or shape_policy='pad'"),
+     "(size 8); kernel sizes that divide it: 2 or 4; or a patch size of 24 or 48 on axis 2; or shape_policy='pad'"),
     ("pam_pool_sizes", 1, [8, 0, 8], "pam_pool_sizes[1] (stage 1)=[8, 0, 8]: axis 1 has 0; sizes must be positive ints"),
     ("pim_kernel_sizes", 0, [8, "8", 8],
      "pim_kernel_sizes[0] (stage 0)=[8, '8', 8]: axis 1 has '8'; sizes must be positive ints"),

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lkm_unet.ops import available_backends, scan_backend, selective_scan
+from lkm_unet.ops import available_backends, scan_backend, selective_scan, selective_scan_ref
+from lkm_unet.ops import selective_scan_backends as backends
 
 # the package re-exports the function under the module's name, so fetch the module itself
 dispatch = importlib.import_module("lkm_unet.ops.selective_scan")
@@ -20,13 +21,20 @@ dispatch = importlib.import_module("lkm_unet.ops.selective_scan")
 
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records which implementation each ``selective_scan`` call ran."""
+    """Records which implementation each ``selective_scan`` call ran (fast backends: their forward)."""
     calls: list[str] = []
-    for name, impl in (("torch", dispatch.selective_scan_torch), ("ref", dispatch.selective_scan_ref)):
-        def spy(*args, _impl=impl, _name=name, **kwargs):
-            calls.append(_name)
-            return _impl(*args, **kwargs)
-        monkeypatch.setattr(dispatch, f"selective_scan_{name}", spy)
+    load = backends.module
+
+    def module_spy(name: str):
+        calls.append(name)
+        return load(name)
+
+    def ref_spy(*args, **kwargs):
+        calls.append("ref")
+        return selective_scan_ref(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "module", module_spy)
+    monkeypatch.setattr(dispatch, "selective_scan_ref", ref_spy)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_warned", set())
     return calls
@@ -51,14 +59,15 @@ def test_env_var_context_and_argument_select_backend(spies: list[str], monkeypat
     selective_scan(*args, backend="torch")
     monkeypatch.setenv(dispatch.ENV_VAR, " Torch ")
     selective_scan(*args)
-    assert spies == ["torch", "ref", "torch", "ref", "torch", "torch"]
+    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))  # numba when it is there, else torch
+    assert spies == [cpu_auto, "ref", "torch", "ref", "torch", "torch"]
     torch.testing.assert_close(y_torch, y_ref, rtol=6e-4, atol=2e-3)  # fp32 tolerance of the oracle tests
 
 
 def test_invalid_backend_names_raise_with_the_valid_names(spies: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    valid = "auto, torch, cuda, ref"
-    with pytest.raises(ValueError, match=f"backend='triton'.*valid: {valid}"):
-        selective_scan(*small_args(), backend="triton")
+    valid = "auto, cuda, triton, numba, torch, ref"
+    with pytest.raises(ValueError, match=f"backend='mamba_ssm'.*valid: {valid}"):
+        selective_scan(*small_args(), backend="mamba_ssm")
     with pytest.raises(ValueError, match=f"scan_backend='fast'.*valid: {valid}"):
         with scan_backend("fast"):
             pass
@@ -76,8 +85,12 @@ def test_cuda_backend_on_cpu_tensors_falls_back_to_torch_warning_once(spies: lis
         selective_scan(*args, backend="cuda")
         selective_scan(*args, backend="cuda")
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime) == 1 and "using the torch backend" in str(runtime[0].message)
-    assert spies == ["torch", "torch"]
+    cpu_auto = dispatch.resolve_backend("auto", torch.device("cpu"))
+    assert len(runtime) == 1, [str(w.message) for w in runtime]
+    assert str(runtime[0].message).startswith("selective_scan: backend 'cuda' cannot run on cpu tensors here "
+                                              "(cuda: it computes on cuda tensors, these are cpu tensors); "
+                                              f"using the {cpu_auto} backend")
+    assert spies == [cpu_auto, cpu_auto]
 
 
 def test_available_backends_reports_why_cuda_is_unusable() -> None:
@@ -108,6 +121,58 @@ def test_import_and_cpu_scan_without_mamba_ssm_or_triton() -> None:
         assert available_backends()["cuda"] != "ok"
         print(sorted(m for m, v in sys.modules.items() if m.split(".")[0] in BLOCKED and v is not None))
     """)
+    root = Path(dispatch.__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_available_backends_names_every_backend_with_a_reason() -> None:
+    backends_now = available_backends()
+    assert list(backends_now) == ["torch", "ref", "cuda", "triton", "numba"]
+    if not torch.cuda.is_available():
+        assert backends_now["triton"].startswith("torch sees no CUDA device")
+
+
+@pytest.mark.parametrize("usable,expected", [({"cuda", "triton"}, "cuda"), ({"triton"}, "triton"), (set(), "torch")])
+def test_auto_order_on_cuda_tensors_and_the_line_that_says_why(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, usable: set, expected: str) -> None:
+    """cuda, else triton, else torch; the reasons of the skipped backends are in one line."""
+    monkeypatch.setattr(backends, "status", lambda name, device: "ok" if name in usable | {"torch"} else f"no {name}")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="lkm_unet"):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert dispatch.resolve_backend("auto", torch.device("cuda")) == expected
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] + \
+        [r.getMessage() for r in caplog.records]
+    if expected == "cuda":
+        assert messages == []
+    elif expected == "triton":
+        assert messages == ["selective_scan: using the triton backend on CUDA because cuda: no cuda"]
+    else:
+        assert len(messages) == 1
+        assert messages[0].startswith("selective_scan: using the torch backend on CUDA because cuda: no cuda; "
+                                      "triton: no triton; for a faster scan")
+
+
+def test_forced_backend_that_cannot_run_falls_back_along_the_auto_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "status", lambda name, device: "ok" if name in ("triton", "torch") else f"no {name}")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.warns(RuntimeWarning, match=r"backend 'cuda' cannot run on cuda tensors here \(cuda: no cuda\); "
+                                            r"using the triton backend"):
+        assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert dispatch.resolve_backend("triton", torch.device("cuda")) == "triton"
+
+
+def test_import_lkm_unet_imports_neither_triton_nor_dynamo() -> None:
+    """Triton, numba and torch._dynamo (which imports triton) load only when a backend or compile needs them."""
+    script = "import sys, lkm_unet; print(sorted(m for m in ('triton', 'numba', 'torch._dynamo') if m in sys.modules))"
     root = Path(dispatch.__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
