@@ -72,14 +72,20 @@ class LKMUNetTrainer(nnUNetTrainer):
         return network
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step, then a guard: a non-finite loss, or a non-finite gradient where no GradScaler
-        handles it (bf16, CPU, no AMP), stops training with the first block whose output is non-finite."""
-        result = super().train_step(batch)
+        """nnU-Net's step, guarded: non-finite gradients stop training before the optimizer step (so the
+        weights stay as they were) and a non-finite loss after it, naming the first block whose output
+        is non-finite. With a GradScaler a step with non-finite gradients is skipped by the scaler
+        and never reaches the check."""
+        if getattr(self, "_finite_hook", None) is None:
+            self._finite_hook = self.optimizer.register_step_pre_hook(self._check_gradients)
         what = None
-        if not loss_finite(result["loss"]):
-            what = f"loss ({float(result['loss'])})"
-        elif self.grad_scaler is None and not gradients_finite(self.network):
+        try:
+            result = super().train_step(batch)
+        except _NonFiniteGradient:
             what = "gradient"
+        else:
+            if not loss_finite(result["loss"]):
+                what = f"loss ({float(result['loss'])})"
         if what is not None:
             data = batch["data"].to(self.device, non_blocking=True)
             block, parameter = locate_non_finite(self.network, data, autocast=self.device.type == "cuda")
@@ -87,6 +93,10 @@ class LKMUNetTrainer(nnUNetTrainer):
             self.print_to_log_file(message)
             raise NonFiniteTrainingError(message)
         return result
+
+    def _check_gradients(self, optimizer, args, kwargs) -> None:
+        if not gradients_finite(self.network):
+            raise _NonFiniteGradient
 
     def _do_i_compile(self) -> bool:
         """Off unless ``nnUNet_compile`` asks for it. The scan is a custom op that breaks the graph at
@@ -96,6 +106,10 @@ class LKMUNetTrainer(nnUNetTrainer):
         if self.device.type == "cuda":
             self.print_to_log_file("torch.compile is off for LKM-UNet (set nnUNet_compile=true to try it)")
         return False
+
+
+class _NonFiniteGradient(Exception):
+    """Raised by the optimizer's step pre-hook; turned into a NonFiniteTrainingError by train_step."""
 
 
 class nnUNetTrainerLKMUNet(LKMUNetTrainer):

@@ -41,7 +41,7 @@ def test_trainer_stops_with_the_block_name(planned, monkeypatch):
     assert torch.isfinite(torch.as_tensor(trainer.train_step({"data": data, "target": target})["loss"]))
     with torch.no_grad():
         trainer.network.encoder.lkm_stages[2].pim.mixer.norm.weight[0] = float("nan")
-    with pytest.raises(NonFiniteTrainingError, match=r"training stopped at epoch 0: non-finite loss \(nan\); "
+    with pytest.raises(NonFiniteTrainingError, match=r"training stopped at epoch 0: non-finite gradient; "
                                                     r"first block with a non-finite output: stage 2 PiM "
                                                     r"\(encoder.lkm_stages.2.pim\); first non-finite parameter "
                                                     r"encoder.lkm_stages.2.pim.mixer.norm.weight"):
