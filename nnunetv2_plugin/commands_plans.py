@@ -21,7 +21,7 @@ def _plans(args: argparse.Namespace) -> int:
     try:
         path, tables = write_lkm_plans(args.dataset, args.configurations, args.preset, args.source_plans,
                                        _target_plans(args), args.shape_policy, args.force, args.batch_size,
-                                       args.ablation, args.window_divisor)
+                                       args.ablation, args.window_divisor, gpu_memory=args.gpu_memory)
     except PlansError as error:
         return report_plans_error(error)
     for name, table in tables.items():
@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or the conv backbone alone")
     p.add_argument("--window-divisor", type=int, default=1, metavar="N",
                    help="divide every PiM window by N per axis (the paper's kernel-size sweep; default 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="fit batch size and memory options (ssm_checkpointing, ssm_autocast) to this GPU memory, "
+                        "e.g. 12, 24 or 40, and print the estimated training peak")
     p.add_argument("--force", action="store_true", help="overwrite an existing target plans file")
     p.set_defaults(func=_plans)
 

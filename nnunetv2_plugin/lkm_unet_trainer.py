@@ -18,6 +18,8 @@ from torch import nn
 from lkm_unet import LKMUNet
 from lkm_unet.ablations import ablation_kwargs
 from lkm_unet.ops.selective_scan import available_backends, resolve_backend
+from nnunetv2_plugin.finite_guard import (NonFiniteTrainingError, gradients_finite, locate_non_finite,
+                                          loss_finite, non_finite_message)
 from nnunetv2_plugin.plans import resolve_architecture, stage_table
 
 
@@ -87,6 +89,33 @@ class LKMUNetTrainer(nnUNetTrainer):
             self.print_to_log_file(f"peak GPU memory: {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB")
         super().on_epoch_end()
 
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step, guarded: non-finite gradients stop training before the optimizer step (so the
+        weights stay as they were) and a non-finite loss after it, naming the first block whose output
+        is non-finite. With a GradScaler a step with non-finite gradients is skipped by the scaler
+        and never reaches the check."""
+        if getattr(self, "_finite_hook", None) is None:
+            self._finite_hook = self.optimizer.register_step_pre_hook(self._check_gradients)
+        what = None
+        try:
+            result = super().train_step(batch)
+        except _NonFiniteGradient:
+            what = "gradient"
+        else:
+            if not loss_finite(result["loss"]):
+                what = f"loss ({float(result['loss'])})"
+        if what is not None:
+            data = batch["data"].to(self.device, non_blocking=True)
+            block, parameter = locate_non_finite(self.network, data, autocast=self.device.type == "cuda")
+            message = non_finite_message(what, self.current_epoch, block, parameter)
+            self.print_to_log_file(message)
+            raise NonFiniteTrainingError(message)
+        return result
+
+    def _check_gradients(self, optimizer, args, kwargs) -> None:
+        if not gradients_finite(self.network):
+            raise _NonFiniteGradient
+
     def _do_i_compile(self) -> bool:
         """Off unless ``nnUNet_compile`` asks for it. The scan is a custom op that breaks the graph at
         every call; on an H200 compiling the 2D net cost 244 s for no measurable gain (README)."""
@@ -95,6 +124,10 @@ class LKMUNetTrainer(nnUNetTrainer):
         if self.device.type == "cuda":
             self.print_to_log_file("torch.compile is off for LKM-UNet (set nnUNet_compile=true to try it)")
         return False
+
+
+class _NonFiniteGradient(Exception):
+    """Raised by the optimizer's step pre-hook; turned into a NonFiniteTrainingError by train_step."""
 
 
 class nnUNetTrainerLKMUNet(LKMUNetTrainer):

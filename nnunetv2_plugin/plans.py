@@ -22,6 +22,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from lkm_unet import LKMUNet, derive_kernel_sizes, load_config
+from lkm_unet.nets.lkm_unet import DEFAULT_MEMORY_OPTIONS
 from lkm_unet.presets import PRESETS
 from nnunetv2_plugin.patch_sizes import patch_stride_errors
 
@@ -32,7 +33,7 @@ REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 STORED_CONFIG_OF_DIM = {3: "abdomen_ct_3d", 2: "abdomen_mr_2d"}
 BLOCK_KEYS = ("n_blocks_per_stage", "n_conv_per_stage_decoder")
 LKM_KEYS = ("pim_kernel_sizes", "pam_pool_sizes", "pim_grouping", "shape_policy", "d_state", "d_conv", "expand",
-            "use_pim", "use_pam", "bidirectional")
+            "use_pim", "use_pam", "bidirectional", *DEFAULT_MEMORY_OPTIONS)
 # The ablation switches (lkm_unet.ablations), written explicitly so that a user can flip them in the JSON.
 ABLATION_DEFAULTS = {"use_pim": True, "use_pam": True, "bidirectional": True}
 # Backbone kwargs shared by nnU-Net's U-Nets and LKMUNet; everything else of the source plan is dropped.
@@ -80,7 +81,8 @@ def lkm_architecture(configuration: ConfigurationManager, preset: str = "auto",
                              f"use preset 'auto' to derive sizes for this plan")
     kwargs.update(preset_blocks(preset, source, len(patch)))
     kwargs.update(lkm)
-    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2, **ABLATION_DEFAULTS})
+    kwargs.update({"shape_policy": shape_policy, "d_state": 16, "d_conv": 4, "expand": 2, **ABLATION_DEFAULTS,
+                   **DEFAULT_MEMORY_OPTIONS})
     return {"network_class_name": LKM_NETWORK_CLASS, "arch_kwargs": kwargs,
             "_kw_requires_import": list(REQUIRES_IMPORT)}
 

@@ -45,12 +45,15 @@ def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] 
                     source_plans: str = "nnUNetPlans", target_plans: str = DEFAULT_TARGET_PLANS,
                     shape_policy: str = "error", force: bool = False,
                     batch_size: Optional[int] = None, ablation: Optional[str] = None,
-                    window_divisor: int = 1) -> tuple[Path, dict[str, str]]:
+                    window_divisor: int = 1, gpu_memory: Optional[float] = None) -> tuple[Path, dict[str, str]]:
     """Copy ``source_plans`` to ``target_plans`` with an LKM-UNet architecture in each configuration.
 
     ``batch_size`` replaces the planned batch size (LKM-UNet needs more memory per sample than the
     U-Net nnU-Net planned for). ``ablation`` (``no-pim``, ``no-pam``, ``no-bim``, ``no-mamba``) and
     ``window_divisor`` write the paper's ablations into arch_kwargs (:mod:`lkm_unet.ablations`).
+    ``gpu_memory`` (GiB) chooses the memory options and the batch size (at least 2, at most the planned
+    one, or exactly ``batch_size``) so that the estimated training peak fits
+    (:mod:`nnunetv2_plugin.memory_budget`); the table then ends with the estimate.
 
     Returns the written path and, per configuration, the per-stage table. Never overwrites an existing
     file unless ``force``; the source file is only read.
@@ -83,9 +86,29 @@ def write_lkm_plans(dataset: str | int, configurations: Optional[Sequence[str]] 
                 raise PlansError(f"batch size must be a positive int, got {batch_size}")
             plans["configurations"][name]["batch_size"] = batch_size
         tables[name] = stage_table(rows, architecture["arch_kwargs"]["pim_grouping"])
+        if gpu_memory is not None:
+            tables[name] += "\n" + _fit_memory(plans["configurations"][name], architecture["arch_kwargs"],
+                                               list(configuration.patch_size), gpu_memory, batch_size, where)
     plans["plans_name"] = target_plans
     target.write_text(json.dumps(plans, indent=4) + "\n")
     return target, tables
+
+
+def _fit_memory(entry: dict, arch_kwargs: dict, patch_size: list[int], gpu_memory: float,
+                batch_size: Optional[int], where: str) -> str:
+    """Write the memory options and batch size that fit ``gpu_memory`` GiB into a configuration entry."""
+    from nnunetv2_plugin.memory_budget import fit_to_budget
+    if gpu_memory <= 0:
+        raise PlansError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory:g}")
+    try:
+        options, batch, peak = fit_to_budget(arch_kwargs, patch_size, gpu_memory,
+                                             max(2, int(entry.get("batch_size", 2))), batch_size)
+    except ValueError as error:
+        raise PlansError(f"{where}: {error}") from None
+    arch_kwargs.update(options)
+    entry["batch_size"] = batch
+    chosen = ", ".join(f"{k} {str(v).lower()}" for k, v in options.items())
+    return f"estimated GPU training peak {peak:.1f} GiB (budget {gpu_memory:g} GiB): batch size {batch}, {chosen}"
 
 
 def check_plans(dataset: str | int, plans_identifier: str = DEFAULT_TARGET_PLANS,

@@ -132,12 +132,15 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(self.dt_proj.weight, dt)                  # (b, d_inner, l); bias goes in the scan
         A = -torch.exp(self.A_log.float())
-        if mask is None:
-            y = selective_scan(x, delta, A, B, C, self.D.float(), z=z,
-                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        else:
-            delta = F.softplus(delta + self.dt_proj.bias.float()[:, None]) * mask[:, None, :].to(delta.dtype)
-            y = selective_scan(x, delta, A, B, C, self.D.float(), z=z)
+        # Under autocast (BiMamba's autocast=True) x, delta, B, C and z arrive in the autocast dtype; the
+        # scan computes in fp32 from them, and no op inside it may be autocast to lower precision.
+        with torch.autocast(x.device.type, enabled=False):
+            if mask is None:
+                y = selective_scan(x, delta, A, B, C, self.D.float(), z=z,
+                                   delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            else:
+                delta = F.softplus(delta.float() + self.dt_proj.bias.float()[:, None]) * mask[:, None, :]
+                y = selective_scan(x, delta.to(x.dtype), A, B, C, self.D.float(), z=z)
         return y.transpose(1, 2)
 
     def _conv(self, x: Tensor, length: int) -> Tensor:

@@ -1,12 +1,11 @@
 """PaM, the patch-level SSM (paper Sec. 2.2): BiMamba over all pooled patches of a sample."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 from torch import Tensor
 
-from lkm_unet.modules.partition import partition, reassemble
+from lkm_unet.modules.partition import pool_tokens, upsample_tokens
 from lkm_unet.modules.spatial_ssm import SpatialSSM
 
 
@@ -16,6 +15,7 @@ class PatchSSM(SpatialSSM):
     Average-pool by ``pool_size`` (int or per-axis tuple), scan ALL pooled tokens of a sample as one
     sequence (raster order) with BiMamba, upsample back by nearest neighbour. With padding, a pooled
     token averages only the real pixels of its patch, so no padded token enters the sequence.
+    With ``checkpointing`` only the block input is stored; pooling and BiMamba run again in backward.
     """
 
     size_name = "pool_size"
@@ -28,13 +28,12 @@ class PatchSSM(SpatialSSM):
         return self.per_axis_size()
 
     def mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
-        batch, channels = x.shape[:2]
-        patches = partition(x, sizes, "window")                     # (B * n_patches, prod(sizes), C)
-        if mask is None:
-            pooled = patches.mean(dim=1)
+        if self.recomputing():
+            mixed = self.recompute(self._pool_and_mix, x, sizes, mask)
         else:
-            counts = partition(mask, sizes, "window").sum(dim=1).repeat(batch, 1)   # (B * n_patches, 1)
-            pooled = patches.sum(dim=1) / counts
-        tokens = pooled.reshape(batch, -1, channels)                # one raster-order sequence per sample
-        mixed = self.mixer(tokens).reshape(-1, 1, channels).expand(-1, math.prod(sizes), channels)
-        return reassemble(mixed, sizes, "window", x.shape)
+            mixed = self._pool_and_mix(x, sizes, mask)
+        return upsample_tokens(mixed, sizes, x.shape)
+
+    def _pool_and_mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
+        """``(B, C, *S) -> (B, n_patches, C)``: one raster-order sequence of pooled tokens per sample."""
+        return self.mixer(pool_tokens(x, sizes, mask))

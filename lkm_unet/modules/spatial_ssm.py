@@ -1,10 +1,11 @@
-"""Shared machinery of PiM and PaM: per-axis sizes, the shape policy, fp32 BiMamba, residual add."""
+"""Shared machinery of PiM and PaM: per-axis sizes, the shape policy, BiMamba, recomputation, residual add."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lkm_unet.modules.bimamba import BiMamba
@@ -17,6 +18,14 @@ class SpatialSSM(nn.Module):
     ``size`` is one int for every axis or a per-axis tuple. ``where`` names the block in error
     messages (the network sets 'stage 2 PiM'); ``input_stride`` is its total downsampling per axis,
     so errors can quote valid patch sizes.
+
+    Memory options (the network's ``ssm_*`` kwargs; none changes the function computed):
+
+    - ``checkpointing``: keep only the block's input for the backward pass and recompute the BiMamba
+      activations there (``torch.utils.checkpoint``, non-reentrant), in runs of sequences of at most
+      ``checkpoint_elements`` input elements, so the recomputation's working memory stays bounded.
+    - ``autocast``: under autocast, projections, conv and gate run (and are stored) in the autocast
+      dtype; the scan state, ``A``, ``D`` and the dt bias stay fp32 (see :class:`BiMamba`).
     """
 
     size_name = "size"
@@ -24,7 +33,8 @@ class SpatialSSM(nn.Module):
     def __init__(self, dim: int, size: int | Sequence[int], shape_policy: str = "pad", d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, spatial_dims: Optional[int] = None,
                  where: Optional[str] = None, input_stride: Optional[Sequence[int]] = None,
-                 bidirectional: bool = True) -> None:
+                 bidirectional: bool = True, checkpointing: bool = False, checkpoint_elements: int = 2 ** 24,
+                 autocast: bool = False) -> None:
         super().__init__()
         if spatial_dims is None and not isinstance(size, int):
             spatial_dims = len(size)
@@ -37,7 +47,12 @@ class SpatialSSM(nn.Module):
         self.shape_policy = check_policy(shape_policy)
         self.where = where or type(self).__name__
         self.input_stride = None if input_stride is None else tuple(input_stride)
-        self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
+        if isinstance(checkpoint_elements, bool) or not isinstance(checkpoint_elements, int) or checkpoint_elements < 1:
+            raise ValueError(f"{self.where}: checkpoint_elements={checkpoint_elements!r}; give a positive int")
+        self.checkpointing = bool(checkpointing)
+        self.checkpoint_elements = checkpoint_elements
+        self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
+                             autocast=autocast)
 
     def _sizes(self, ndim: int) -> tuple[int, ...]:
         if self.spatial_dims is None:
@@ -65,6 +80,16 @@ class SpatialSSM(nn.Module):
         out = self.mix(padded, sizes, mask)
         crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
         return x + out[crop]
+
+    def recomputing(self) -> bool:
+        """Whether this forward pass keeps only inputs and recomputes activations in backward."""
+        return self.checkpointing and torch.is_grad_enabled()
+
+    @staticmethod
+    def recompute(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """``fn(*args)``, storing only ``args`` for the backward pass, which runs ``fn`` again (same
+        autocast state and RNG state)."""
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
     def mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
         """The block's contribution on a map whose axes ``sizes`` divide; ``mask`` marks real pixels."""

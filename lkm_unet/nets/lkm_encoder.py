@@ -53,25 +53,60 @@ class LKMEncoder(ResidualEncoder):
         return skips
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Conv feature maps (as the base class) plus the activations PiM and PaM keep per stage."""
+        """Conv feature maps (as the base class) plus what PiM and PaM store for backward, in the same
+        unit: elements of conv feature maps, whose saved bytes under AMP are about ``CONV_BYTES_PER_ELEMENT``
+        each (measured on dynamic-network-architectures' residual U-Nets; docs/benchmarks.md).
+
+        Without ``ssm_checkpointing`` a BiMamba over T tokens of C channels stores about
+        ``T * (19.5 * expand * C + 7.75 * d_state)`` fp32 values (projections, conv, gate, the scan's
+        inputs, both directions; measured with the torch scan), 3/4 of those bytes with ``ssm_autocast``.
+        With it, a stage stores only the PiM output PaM recomputes from (its other input is already
+        stored by the convolutions); the working memory of one recomputed run
+        (:meth:`recompute_working_bytes`) does not grow with the batch and is not counted here.
+        """
         total = super().compute_conv_feature_map_size(input_size)
         size = list(input_size)
         for stride, channels, lkm in zip(self.strides, self.output_channels, self.lkm_stages):
             size = [s // k for s, k in zip(size, stride)]
-            tokens = {"pim": math.prod(size)}
-            if lkm.pam is not None:
-                tokens["pam"] = math.prod(-(-s // p) for s, p in zip(size, lkm.pam.pool_size))
-            for name, count in tokens.items():
-                block = getattr(lkm, name)
-                if block is None:
-                    continue
-                mixer = block.mixer
-                directions = 1 if mixer.backward_mixer is None else 2
-                # BiMamba keeps, per token and direction, ~6 tensors of d_inner = expand * C (projections,
-                # conv, gate, scan output); the residual adds one map of C.
-                per_token = channels * (1 + directions * 6 * mixer.forward_mixer.expand)
-                total += np.int64(count * per_token)
+            pixels = math.prod(size)
+            blocks = [(block, tokens) for block, tokens in ((lkm.pim, pixels), (lkm.pam, None)) if block is not None]
+            if not blocks:
+                continue
+            if blocks[0][0].checkpointing:
+                total += np.int64(pixels * channels)   # the stored block input, autocast dtype like a conv map
+                continue
+            for block, tokens in blocks:
+                if tokens is None:  # PaM runs on the pooled map
+                    tokens = math.prod(-(-s // p) for s, p in zip(size, block.pool_size))
+                total += np.int64(round(tokens * bimamba_stored_bytes(block.mixer, channels)
+                                        / CONV_BYTES_PER_ELEMENT))
         return total
+
+    def recompute_working_bytes(self, input_size: Sequence[int], autocast_bytes: int = 2) -> int:
+        """Peak extra bytes while one checkpointed run is recomputed and differentiated: the largest run
+        (at most ``ssm_checkpoint_elements`` input elements, or one sample's stage map) times what a
+        BiMamba stores per input element, twice (activations plus their gradients). 0 without
+        checkpointing."""
+        size, worst = list(input_size), 0
+        for stride, channels, lkm in zip(self.strides, self.output_channels, self.lkm_stages):
+            size = [s // k for s, k in zip(size, stride)]
+            block = lkm.pim if lkm.pim is not None else lkm.pam
+            if block is not None and block.checkpointing:
+                run = min(block.checkpoint_elements, math.prod(size) * channels) // channels
+                worst = max(worst, 2 * run * bimamba_stored_bytes(block.mixer, channels))
+        return worst
+
+
+#: Saved bytes per element of ``compute_conv_feature_map_size`` for the conv-only residual U-Net
+#: under bf16 autocast (2D 4.4, 3D 5.1 measured; the mean).
+CONV_BYTES_PER_ELEMENT = 4.75
+
+
+def bimamba_stored_bytes(mixer, channels: int) -> float:
+    """Bytes a BiMamba stores per token when not recomputed (fit to the saved-bytes measurement)."""
+    directions = 1 if mixer.backward_mixer is None else 2  # the fit is for two; one direction stores half
+    fp32_values = (19.5 * mixer.forward_mixer.expand * channels + 7.75 * mixer.forward_mixer.d_state) * directions / 2
+    return fp32_values * 4 * (0.75 if mixer.autocast else 1.0)
 
 
 class LKMDecoder(UNetResDecoder):

@@ -19,6 +19,9 @@ from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
 
 ClassOrName = Union[Type[nn.Module], str, None]
 
+#: What PiM/PaM store for backward (README "Memory"; measured in docs/benchmarks.md).
+DEFAULT_MEMORY_OPTIONS = {"ssm_checkpointing": True, "ssm_autocast": False, "ssm_checkpoint_elements": 2 ** 24}
+
 
 def _resolve(value: ClassOrName, name: str) -> Optional[Type[nn.Module]]:
     """Classes may come as dotted names, as they are stored in nnU-Net plans."""
@@ -51,6 +54,11 @@ class LKMUNet(nn.Module):
       PiM, PaM, or the backward scan of every BiMamba; with ``use_pim=use_pam=False`` ("no Mamba") the
       network is the residual backbone alone, with ``ResidualEncoderUNet``'s parameters. Window or
       pool sizes of a block that is off are neither needed nor checked.
+    - Memory options (README "Memory"; none changes the function the network computes):
+      ``ssm_checkpointing`` stores only each PiM/PaM block's input and recomputes its BiMamba in
+      backward, ``ssm_checkpoint_elements`` input elements at a time; ``ssm_autocast`` lets the
+      projections, conv and gate run and be stored in the autocast dtype (the scan, A, D and the dt
+      bias stay fp32).
 
     All kwargs are JSON-safe (classes may be dotted names), so the same dict lives in nnU-Net plans.
     Input ``(B, input_channels, *patch)``; output ``(B, num_classes, *patch)``, or with deep supervision
@@ -87,6 +95,9 @@ class LKMUNet(nn.Module):
         use_pim: bool = True,
         use_pam: bool = True,
         bidirectional: bool = True,
+        ssm_checkpointing: bool = DEFAULT_MEMORY_OPTIONS["ssm_checkpointing"],
+        ssm_autocast: bool = DEFAULT_MEMORY_OPTIONS["ssm_autocast"],
+        ssm_checkpoint_elements: int = DEFAULT_MEMORY_OPTIONS["ssm_checkpoint_elements"],
     ) -> None:
         super().__init__()
         conv_op = _resolve(conv_op, "conv_op")
@@ -103,8 +114,12 @@ class LKMUNet(nn.Module):
         self.pim_grouping, self.shape_policy = pim_grouping, shape_policy
         self.use_pim, self.use_pam, self.bidirectional = use_pim, use_pam, bidirectional
 
+        for name, flag in (("ssm_checkpointing", ssm_checkpointing), ("ssm_autocast", ssm_autocast)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r}; give true or false")
         ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy,
-               "bidirectional": bidirectional}
+               "bidirectional": bidirectional, "checkpointing": ssm_checkpointing,
+               "checkpoint_elements": ssm_checkpoint_elements, "autocast": ssm_autocast}
         lkm_stages = []
         total_stride = (1,) * ndim
         for s in range(n_stages):
