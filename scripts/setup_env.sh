@@ -27,9 +27,15 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" install torch==2.13.0 ${LKM_TORCH_INDEX:+--index-url "$LKM_TORCH_INDEX"}
   fi
 fi
-if ! "$venv/bin/python" -c "import lkm_unet, nnunetv2, pytest" 2>/dev/null; then
+# (Re)install when the package is missing or pyproject.toml changed since the last install, so an
+# existing .venv picks up new dependencies.
+stamp="$venv/.lkm_unet_pyproject.sha256"
+wanted="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1) $repo"
+if ! "$venv/bin/python" -c "import lkm_unet, nnunetv2, pytest" 2>/dev/null \
+    || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "[setup] installing lkm-unet[dev] and nnU-Net into $venv"
   "${pip[@]}" install -e "$repo[dev]"
+  echo "$wanted" > "$stamp"
 fi
 "$venv/bin/lkm-unet" doctor --fix >/dev/null || "$venv/bin/lkm-unet" doctor
 export PATH="$venv/bin:$PATH"
