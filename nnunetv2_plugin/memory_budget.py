@@ -9,7 +9,7 @@ The estimate of a training step's peak on the GPU (bf16/fp16 autocast, SGD with 
 
 ``CONV_BYTES_PER_ELEMENT`` comes from the saved-bytes measurement (lkm_unet.memory); ``GPU_FACTOR``
 from the one GPU peak measured without memory options (docs/benchmarks.md: the paper's 3D step,
-40x224x192, batch 2, bf16, mamba-ssm's kernel: 30.2 GiB; the estimate above gives 30.3 GiB; for the
+40x224x192, batch 2, bf16, mamba-ssm's kernel: 30.2 GiB; the estimate above gives 30.1 GiB; for the
 2D step, 320x320 batch 2, 3.4 GiB measured, 4.5 GiB estimated: conservative where weights dominate).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lkm_unet import LKMUNet
 from lkm_unet.nets.lkm_encoder import CONV_BYTES_PER_ELEMENT
 
 GIB = 2 ** 30
-GPU_FACTOR = 0.78
+GPU_FACTOR = 1.0
 CONTEXT_GIB = 0.5
 #: Tried in this order; the first that fits is written (recomputation costs time, so only when needed).
 OPTION_LADDER = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor
 
 GROUPINGS = ("window", "strided")
@@ -80,13 +81,12 @@ def pool_tokens(x: Tensor, k: Sequence[int], mask: Optional[Tensor] = None) -> T
     """Average-pool ``(B, C, *S)`` by ``k`` into raster-order tokens ``(B, prod(S / k), C)``, reducing a
     view of the map (no copy of it). With ``mask`` (1, 1, *S), True for real pixels, a token averages
     only the real pixels of its patch."""
-    inner = tuple(3 + 2 * i for i in range(len(k)))
-    split = x.reshape(_split_shape(x.shape, k))
-    if mask is None:
-        pooled = split.mean(dim=inner)
-    else:
-        counts = mask.reshape(_split_shape(mask.shape, k)).sum(dim=inner)
-        pooled = split.sum(dim=inner) / counts
+    # torch's pooling op rather than a mean over a reshaped view: its gradient comes back contiguous,
+    # where the view's (an expanded tensor) cannot be viewed back in a compiled backward graph
+    pool = getattr(F, f"avg_pool{len(k)}d")
+    pooled = pool(x, tuple(k))
+    if mask is not None:  # padded pixels are zero, so sum / real count = mean(x) / mean(mask)
+        pooled = pooled / pool(mask.to(x.dtype), tuple(k))
     return pooled.flatten(2).transpose(1, 2)
 
 

@@ -58,8 +58,9 @@ class LKMEncoder(ResidualEncoder):
         each (measured on dynamic-network-architectures' residual U-Nets; docs/benchmarks.md).
 
         Without ``ssm_checkpointing`` a BiMamba over T tokens of C channels stores about
-        ``T * (19.5 * expand * C + 7.75 * d_state)`` fp32 values (projections, conv, gate, the scan's
-        inputs, both directions; measured with the torch scan), 3/4 of those bytes with ``ssm_autocast``.
+        ``T * (13.65 * expand * C + 7.75 * d_state)`` fp32 values (projections, conv, gate, the scan's
+        inputs, both directions; refitted with the scan custom op and the numba backend, whose Mamba
+        projections no longer keep transposed copies), 3/4 of those bytes with ``ssm_autocast``.
         With it, a stage stores only the PiM output PaM recomputes from (its other input is already
         stored by the convolutions); the working memory of one recomputed run
         (:meth:`recompute_working_bytes`) does not grow with the batch and is not counted here.
@@ -105,7 +106,7 @@ CONV_BYTES_PER_ELEMENT = 4.75
 def bimamba_stored_bytes(mixer, channels: int) -> float:
     """Bytes a BiMamba stores per token when not recomputed (fit to the saved-bytes measurement)."""
     directions = 1 if mixer.backward_mixer is None else 2  # the fit is for two; one direction stores half
-    fp32_values = (19.5 * mixer.forward_mixer.expand * channels + 7.75 * mixer.forward_mixer.d_state) * directions / 2
+    fp32_values = (13.65 * mixer.forward_mixer.expand * channels + 7.75 * mixer.forward_mixer.d_state) * directions / 2
     return fp32_values * 4 * (0.75 if mixer.autocast else 1.0)
 
 

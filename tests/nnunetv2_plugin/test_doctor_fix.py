@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import nnunetv2_plugin
+
 from nnunetv2_plugin.environment import trainer_path
 from nnunetv2_plugin.torchvision_guard import PTH_LINE, PTH_NAME
 
@@ -24,7 +26,11 @@ def fresh_venv(tmp_path):
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    (site / "packages_of_the_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # this environment's packages and this checkout (an editable install is a .pth of its own, not run
+    # there); the name sorts before the guard's, as an installed package's entry does, so the guard's
+    # import line finds the package
+    checkout = Path(nnunetv2_plugin.__file__).resolve().parents[1]
+    (site / "_test_environment.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{checkout}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env["nnUNet_extTrainer"] = str(trainer_path())
     return python, site, env

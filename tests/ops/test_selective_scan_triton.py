@@ -185,3 +185,14 @@ def test_kernels_compile_for_a_gpu_without_one() -> None:
                             cwd=root, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["scan_fwd_kernel 1 1024 compiled", "scan_bwd_kernel 1 1024 compiled"]
+
+
+def test_self_test_accepts_these_kernels_and_refuses_a_wrong_one(monkeypatch):
+    """auto picks triton only after its forward and backward agree with the torch scan on the device."""
+    from lkm_unet.ops import selective_scan_backends as backends
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backends._triton_compiles.__wrapped__(device) == "ok"
+    real_fwd = triton_scan.scan_fwd
+    monkeypatch.setattr(triton_scan, "scan_fwd", lambda *args: (lambda out, states: (out * 1.01, states))(*real_fwd(*args)))
+    message = backends._triton_compiles.__wrapped__(device)
+    assert message.startswith(f"its self-test on {device} disagrees with the torch scan (worst relative difference 1.0e-02")
