@@ -46,7 +46,12 @@ def build(spec: dict[str, Any]):
         from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
         from lkm_unet.nets.lkm_unet import _resolve
 
-        arch = dict(load_config(config)["architecture"])
+        from lkm_unet.presets import preset_kwargs
+
+        # the preset fixes the block counts (encoder blocks, decoder convs) as well as the LKM sizes
+        blocks = {k: v for k, v in preset_kwargs(spec["preset"], config).items()
+                  if k in ("n_blocks_per_stage", "n_conv_per_stage_decoder")}
+        arch = {**load_config(config)["architecture"], **blocks}
         for key in ("shape_policy", "d_state", "d_conv", "expand"):
             arch.pop(key)
         for key in ("conv_op", "norm_op", "nonlin", "dropout_op"):
