@@ -34,7 +34,15 @@ def _project(weight: Tensor, x: Tensor) -> Tensor:
 
     ``torch.matmul`` would fold this into one ``(b l, in) @ (in, out)`` product and return a transposed
     view; ``bmm`` on the expanded weight writes the ``(b, out, l)`` layout itself.
+
+    Under autocast both operands are cast before the weight is expanded: autocast would otherwise cast
+    the expanded ``(b, out, in)`` view, a full copy of the weight per sequence kept for backward (with
+    many short sequences, more than the activations themselves).
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, x = weight.to(dtype), x.to(dtype)
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 

@@ -96,16 +96,15 @@ def test_network_options_compute_the_same_function_in_fp32(options):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(reason="measured with the pre-merge torch scan; the merged scan op stores bf16 inputs "
-                          "differently (to recalibrate)", strict=False)
 def test_autocast_option_stores_less_and_stays_close_under_bf16():
     x = torch.randn(2, 2, 8, 8, 8)
-    fp32_ssm, _ = saved_bytes(_small_net(ssm_autocast=False), x, torch.bfloat16)
-    bf16_ssm, out = saved_bytes(_small_net(ssm_autocast=True), x, torch.bfloat16)
+    fp32_ssm, _ = saved_bytes(_small_net(ssm_checkpointing=False, ssm_autocast=False), x, torch.bfloat16)
+    bf16_ssm, out = saved_bytes(_small_net(ssm_checkpointing=False, ssm_autocast=True), x, torch.bfloat16)
     ssm = lambda r: sum(v for k, v in r.per_block.items() if k.endswith(("PiM", "PaM")))
-    # the torch scan keeps fp32 time-major copies of its inputs whatever their dtype; the rest halves
-    assert ssm(bf16_ssm) < 0.8 * ssm(fp32_ssm)
-    reference, _ = _net_step(_small_net(), x)
+    # measured 0.60: the LayerNorm and the scan states stay fp32, the projections, conv, gate and the
+    # scan's inputs are stored in bf16 (their weights cast once per block, not once per sequence)
+    assert ssm(bf16_ssm) < 0.65 * ssm(fp32_ssm)
+    reference, _ = _net_step(_small_net(ssm_checkpointing=False), x)
     for a, b in zip([o.detach().float() for o in out], reference):
         assert (a - b).norm() / b.norm() < 0.05
     bi = BiMamba(8, autocast=True)
@@ -130,3 +129,16 @@ def test_invalid_memory_options():
         _small_net(ssm_checkpointing="yes")
     with pytest.raises(ValueError, match=r"checkpoint_elements=0; give a positive int"):
         _small_net(ssm_checkpoint_elements=0)
+
+
+def test_autocast_stores_less_with_many_short_sequences():
+    """Under autocast the projections' weights are cast once, before they are expanded over the sequences
+    (a cast of the expanded view would keep a weight copy per sequence: 1.16x the fp32 bytes here)."""
+    def stored(autocast):
+        torch.manual_seed(0)
+        bi = BiMamba(8, autocast=autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            counted, _ = saved_bytes(bi, torch.randn(64, 4, 8), labels={})
+        return counted.total
+
+    assert stored(True) < 0.75 * stored(False)   # measured 0.69; the scan states stay fp32
