@@ -42,9 +42,14 @@ def block_labels(network: nn.Module) -> dict[nn.Module, str]:
     return labels
 
 
+def _storage_key(tensor: Tensor) -> int:
+    """Identity of a tensor's storage, shared by all its views; works for fake tensors (no data)."""
+    return tensor.untyped_storage()._cdata
+
+
 class _Meter:
-    def __init__(self, network: nn.Module) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    def __init__(self, parameters: list[Tensor]) -> None:
+        self.skip = {_storage_key(p) for p in parameters}
         self.seen: set[int] = set()
         self.result = SavedBytes()
         self.stack = ["other"]
@@ -53,7 +58,7 @@ class _Meter:
         if tensor.device.type == "meta" or tensor.layout != torch.strided:
             return
         storage = tensor.untyped_storage()
-        key = storage.data_ptr()
+        key = _storage_key(tensor)
         if key in self.skip or key in self.seen or storage.nbytes() == 0:
             return
         self.seen.add(key)
@@ -101,14 +106,30 @@ def _counting_checkpoint_inputs(meter: _Meter) -> Iterator[None]:
 
 
 def saved_bytes(network: nn.Module, x: Tensor, autocast_dtype: Optional[torch.dtype] = None,
-                labels: Optional[dict[nn.Module, str]] = None) -> tuple[SavedBytes, object]:
+                labels: Optional[dict[nn.Module, str]] = None, fake: bool = False) -> tuple[SavedBytes, object]:
     """Run ``network(x)`` in training mode (under autocast to ``autocast_dtype`` if given) and count
     the bytes autograd saves for backward. Returns the count and the output (call backward on it,
-    or drop it to free the saved tensors)."""
-    meter = _Meter(network)
+    or drop it to free the saved tensors).
+
+    ``fake=True`` runs the forward pass on fake tensors (``FakeTensorMode``: shapes, dtypes, views and
+    the autograd graph, no data and no arithmetic), so a configuration too large or too slow for the
+    machine (the paper's full 3D patch; bf16 convolutions on a CPU without bf16 instructions) is
+    counted in seconds. The output is then fake: it cannot be differentiated for real. The count
+    matches the real one up to ops whose real kernels save a differently sized buffer than their fake
+    (meta) twin (tests/nets/test_memory_estimate.py bounds the difference)."""
     labels = block_labels(network) if labels is None else labels
+    params = list(network.parameters())
+    mode = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # the mode memoizes real -> fake, so the fake parameters (and their views) are these storages
+        params += [mode.from_tensor(p) for p in params]
+        x = mode.from_tensor(x)
+    meter = _Meter(params)
     autocast = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with _labelled(meter, labels), _counting_checkpoint_inputs(meter), \
+    with mode, _labelled(meter, labels), _counting_checkpoint_inputs(meter), \
             torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t), autocast:
         out = network(x)
     return meter.result, out

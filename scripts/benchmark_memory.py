@@ -7,6 +7,13 @@ reports its peak resident set size (VmHWM) above the resident size before the fo
 
     python scripts/benchmark_memory.py                     # the docs table (2D paper, reduced 3D)
     python scripts/benchmark_memory.py --quick             # tiny shapes, a check that it works
+    python scripts/benchmark_memory.py --fake --patch-3d 40x224x192 --batch-3d 2   # saved bytes only
+
+``--fake`` counts the saved bytes on fake tensors (``lkm_unet.memory.saved_bytes(fake=True)``): no data,
+no arithmetic, no backward and so no peak RSS, but the paper's full 3D patch and bf16 convolutions
+(which a CPU without bf16 instructions runs 10-35x slower than fp32) take seconds. Every run also
+prints the batch-sizing estimate, ``CONV_BYTES_PER_ELEMENT x compute_conv_feature_map_size(patch) x
+batch`` (calibrated for bf16 autocast), next to the count.
 
 CUDA mode: the paper's training steps (bf16 autocast, SGD, deep supervision), per memory option, each in
 its own process: ``torch.cuda.max_memory_allocated`` and the median step time, within a time budget.
@@ -87,8 +94,10 @@ def run_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     before = _rss_kib("VmRSS")
     start = time.perf_counter()
-    counted, out = saved_bytes(net, x, dtype)
-    result = {"saved": counted.total, "per_block": counted.per_block}
+    counted, out = saved_bytes(net, x, dtype, fake=spec.get("fake", False))
+    result = {"saved": counted.total, "per_block": counted.per_block, "estimate": estimate(net, spec)}
+    if spec.get("fake"):
+        return result
     if spec.get("backward", True):
         _loss(out).backward()
         missing = [n for n, p in net.named_parameters() if p.grad is None]
@@ -96,6 +105,14 @@ def run_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     result["peak_extra"] = (_rss_kib("VmHWM") - before) * 1024
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def estimate(net, spec: dict[str, Any]) -> int:
+    """Bytes the batch-sizing estimate expects the run to save (nnU-Net's feature map size, in the
+    bytes per element measured under bf16 autocast)."""
+    from lkm_unet.nets.lkm_encoder import CONV_BYTES_PER_ELEMENT
+
+    return int(CONV_BYTES_PER_ELEMENT * int(net.compute_conv_feature_map_size(spec["patch"])) * spec["batch"])
 
 
 def run_cuda(spec: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +148,13 @@ def run_cuda(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(spec: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
-    """Run one spec in a fresh interpreter (so each peak is its own) and return its result."""
+    """Run one spec in a fresh interpreter (so each peak is its own) and return its result; a fake
+    count has no peak, so it runs in this process."""
+    if spec.get("fake"):
+        try:
+            return run_cpu(spec)
+        except Exception as error:  # reported in its table row, as a subprocess's error is
+            return {"error": f"{type(error).__name__}: {error}"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
@@ -151,7 +174,7 @@ def cpu_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         batch = args.batch_2d if config == "2d" else args.batch_3d
         for precision in args.precisions:
             base = {"config": config, "patch": patch, "batch": batch, "precision": precision,
-                    "backward": not args.no_backward, "preset": args.preset}
+                    "backward": not (args.no_backward or args.fake), "preset": args.preset, "fake": args.fake}
             specs.append({**base, "network": "backbone", "option": "-"})
             specs += [{**base, "network": "lkm", "option": option} for option in args.options]
     return specs
@@ -159,7 +182,8 @@ def cpu_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cpu_table(rows: list[tuple[dict, dict]]) -> str:
     lines = ["| config | input | precision | network | memory option | saved GiB | x backbone | "
-             "PiM+PaM saved GiB | peak RSS extra GiB |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+             "PiM+PaM saved GiB | estimate GiB | peak RSS extra GiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     backbone: dict[tuple, float] = {}
     for spec, res in rows:
         key = (spec["config"], spec["precision"])
@@ -167,15 +191,15 @@ def cpu_table(rows: list[tuple[dict, dict]]) -> str:
         name = "ResidualEncoderUNet" if spec["network"] == "backbone" else f"LKM-UNet ({spec['preset']})"
         if "error" in res:
             lines.append(f"| {CONFIGS[spec['config']]} | {shape} | {spec['precision']} | {name} | {spec['option']} "
-                         f"| {res['error']} | | | |")
+                         f"| {res['error']} | | | | |")
             continue
         if spec["network"] == "backbone":
             backbone[key] = res["saved"]
         ssm = sum(v for k, v in res["per_block"].items() if k.endswith(("PiM", "PaM")))
         ratio = f"{res['saved'] / backbone[key]:.2f}" if key in backbone else "-"
-        peak = f"{res['peak_extra'] / GIB:.2f}" if spec.get("backward", True) else "-"
+        peak = f"{res['peak_extra'] / GIB:.2f}" if "peak_extra" in res else "-"
         lines.append(f"| {CONFIGS[spec['config']]} | {shape} | {spec['precision']} | {name} | {spec['option']} | "
-                     f"{res['saved'] / GIB:.2f} | {ratio} | {ssm / GIB:.2f} | {peak} |")
+                     f"{res['saved'] / GIB:.2f} | {ratio} | {ssm / GIB:.2f} | {res['estimate'] / GIB:.2f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -234,6 +258,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-2d", type=int, default=2)
     parser.add_argument("--batch-3d", type=int, default=1)
     parser.add_argument("--no-backward", action="store_true", help="saved bytes only (no peak RSS)")
+    parser.add_argument("--fake", action="store_true", help="count saved bytes on fake tensors (no peak RSS)")
     parser.add_argument("--per-block", action="store_true", help="also print saved MiB per block")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script works")
     parser.add_argument("--budget-s", type=float, default=300, help="CUDA mode: seconds for all runs")
@@ -248,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         cuda_main(args)
         return
     if args.quick:
-        args.patch_2d, args.patch_3d = [64, 64], [8, 32, 32]
+        args.patch_2d, args.patch_3d = [128, 128], [16, 64, 64]   # the paper nets' bottlenecks stay 2 wide
     rows = []
     for spec in cpu_specs(args):
         rows.append((spec, measure(spec)))

@@ -39,14 +39,29 @@ def test_conv_backbone_calibration(ndim):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("checkpointing, autocast", [
-    (False, False), (True, False), (True, True),
-    pytest.param(False, True, marks=pytest.mark.xfail(reason="ssm_autocast's 0.75 factor fits neither dimension "
-                                                         "well (measured 2D 1.25x, 3D 0.77x of the estimate)", strict=False)),
-])
+@pytest.mark.parametrize("checkpointing, autocast", [(False, False), (True, False), (True, True), (False, True)])
 def test_lkm_unet_estimate_within_25_percent_of_saved_bytes(ndim, checkpointing, autocast):
     net = LKMUNet(**_kwargs(ndim), **LKM[ndim], ssm_checkpointing=checkpointing, ssm_autocast=autocast)
     assert abs(_ratio(net, PATCH[ndim]) - 1) < 0.25
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("checkpointing, autocast", [(False, False), (True, False), (False, True)])
+def test_fake_tensor_count_matches_the_real_count(ndim, dtype, checkpointing, autocast):
+    """The benchmark counts configurations too large for the machine on fake tensors: same graph, same
+    storages. In fp32 the counts are equal; under bf16 autocast a few casts of conv parameters keep
+    4-64 more bytes each for real (CPU allocations rounded up)."""
+    net = LKMUNet(**_kwargs(ndim), **LKM[ndim], ssm_checkpointing=checkpointing, ssm_autocast=autocast)
+    x = torch.randn(2, 1, *PATCH[ndim])
+    real, _ = saved_bytes(net, x, dtype)
+    fake, out = saved_bytes(net, x, dtype, fake=True)
+    assert sorted(fake.per_block) == sorted(real.per_block)
+    if dtype is None:
+        assert fake.per_block == real.per_block
+    else:
+        assert 0 <= real.total - fake.total < 1e-3 * real.total
+    assert all(type(o).__name__ == "FakeTensor" for o in out)
 
 
 def test_recompute_working_memory_is_bounded_by_the_run_size():
