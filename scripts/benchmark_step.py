@@ -4,6 +4,12 @@ Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runna
 
     python scripts/benchmark_step.py demo --backend numba --steps 5
     python scripts/benchmark_step.py demo --profile       # torch.profiler table of one step
+    python scripts/benchmark_step.py paper2d --options none checkpointing both --steps 5
+
+``--options`` times the LKM-UNet step once per memory option (``scripts/benchmark_memory.py``'s names:
+``none`` = no recomputation, the step before the memory options existed; ``checkpointing`` = the default;
+``both`` = checkpointing and ``ssm_autocast``, which acts only under autocast, so on the CPU's fp32 step it
+times like ``checkpointing``) and adds "x none", the step's cost relative to ``none``.
 
 The networks:
 
@@ -35,6 +41,9 @@ from lkm_unet import LKMUNet  # noqa: E402
 from lkm_unet.ops import scan_backend  # noqa: E402
 from lkm_unet.presets import derive_kernel_sizes, load_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchmark_memory import OPTIONS  # noqa: E402
+
 DEMO = {
     "n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512], "conv_op": "torch.nn.modules.conv.Conv2d",
     "kernel_sizes": [[3, 3]] * 5, "strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]],
@@ -56,9 +65,12 @@ def architecture(case: str) -> dict:
     return {**stored["architecture"], **stored["presets"]["paper"]}
 
 
-def build(case: str, mamba: bool) -> nn.Module:
-    """LKM-UNet of ``case``, or (``mamba=False``) the same ``ResidualEncoderUNet`` without PiM and PaM."""
+def build(case: str, mamba: bool, option: Optional[str] = None) -> nn.Module:
+    """LKM-UNet of ``case`` (with memory option ``option`` of :data:`OPTIONS`, else the defaults), or
+    (``mamba=False``) the same ``ResidualEncoderUNet`` without PiM and PaM."""
     kwargs = architecture(case)
+    if mamba and option is not None:
+        kwargs = {**kwargs, **OPTIONS[option]}
     classes = CASES[case][2]
     torch.manual_seed(0)
     if mamba:
@@ -98,9 +110,9 @@ def make_step(net: nn.Module, case: str):
     return step
 
 
-def time_steps(case: str, mamba: bool, backend: str, steps: int) -> dict:
+def time_steps(case: str, mamba: bool, backend: str, steps: int, option: Optional[str] = None) -> dict:
     """Median wall time of ``steps`` training steps after one warm-up step (which includes any JIT)."""
-    net = build(case, mamba)
+    net = build(case, mamba, option)
     step = make_step(net, case)
     with scan_backend(backend if mamba else "auto"):
         start = time.perf_counter()
@@ -113,7 +125,8 @@ def time_steps(case: str, mamba: bool, backend: str, steps: int) -> dict:
             times.append(time.perf_counter() - start)
     return {"case": case, "net": "LKM-UNet" if mamba else "backbone", "backend": backend if mamba else "—",
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "steps": steps,
-            "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+            "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+            **({"option": option} if mamba and option is not None else {})}
 
 
 def profile(case: str, backend: str, rows: int = 30) -> str:
@@ -128,13 +141,23 @@ def profile(case: str, backend: str, rows: int = 30) -> str:
 
 
 def step_table(results: list[dict]) -> str:
-    lines = ["| network | net | scan backend | params M | step s (median) | min-max s | steps | first step s "
-             "| x backbone |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    """The step table; with memory options (results with an "option"), a column for the option and one for
+    the step's cost relative to the LKM-UNet step without any (``none``)."""
+    options = any("option" in r for r in results)
+    lines = ["| network | net | scan backend | " + ("memory option | " if options else "") + "params M | step s "
+             "(median) | min-max s | steps | first step s | x backbone |" + (" x none |" if options else ""),
+             "|---|---|---|" + ("---|" if options else "") + "---:|" * 6 + ("---:|" if options else "")]
     backbone = {r["case"]: r["median_s"] for r in results if r["net"] == "backbone"}
+    none = {r["case"]: r["median_s"] for r in results if r.get("option") == "none"}
     for r in results:
         ratio = r["median_s"] / backbone[r["case"]] if r["case"] in backbone else float("nan")
-        lines.append(f"| {r['case']} | {r['net']} | {r['backend']} | {r['params_m']:.1f} | {r['median_s']:.3f} "
-                     f"| {r['min_s']:.3f}-{r['max_s']:.3f} | {r['steps']} | {r['first_s']:.2f} | {ratio:.2f}x |")
+        option = f"{r.get('option', '—')} | " if options else ""
+        vs_none = ""
+        if options:
+            vs_none = f" {r['median_s'] / none[r['case']]:.2f}x |" if "option" in r and r["case"] in none else " — |"
+        lines.append(f"| {r['case']} | {r['net']} | {r['backend']} | {option}{r['params_m']:.1f} | {r['median_s']:.3f} "
+                     f"| {r['min_s']:.3f}-{r['max_s']:.3f} | {r['steps']} | {r['first_s']:.2f} | {ratio:.2f}x |"
+                     + vs_none)
     return "\n".join(lines)
 
 
@@ -145,13 +168,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
+    parser.add_argument("--options", nargs="+", choices=tuple(OPTIONS),
+                        help="time the LKM-UNet step once per memory option (default: the network's defaults)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.profile:
         print(profile(args.case, args.backend))
         return
-    print(step_table([time_steps(args.case, False, "—", args.steps),
-                      time_steps(args.case, True, args.backend, args.steps)]))
+    results = [time_steps(args.case, False, "—", args.steps)]
+    for option in args.options or [None]:
+        results.append(time_steps(args.case, True, args.backend, args.steps, option))
+    print(step_table(results))
 
 
 if __name__ == "__main__":
