@@ -21,7 +21,7 @@ def test_step_table_reports_the_cost_against_no_options():
                {**row, "net": "LKM-UNet", "option": "checkpointing", "median_s": 2.5}]
     lines = benchmark_step.step_table(results).splitlines()
     assert lines[0].endswith("| x backbone | x none |")
-    assert lines[2].endswith("| 1.00x | — |") and "| — | 8.0 |" not in lines[2]
+    assert lines[2].endswith("| 1.00x | — |") and "| backbone | — | — | 17.5 |" in lines[2]
     assert lines[3].endswith("| 2.00x | 1.00x |") and "| none |" in lines[3]
     assert lines[4].endswith("| 2.50x | 1.25x |") and "| checkpointing |" in lines[4]
     assert "memory option" not in benchmark_step.step_table(results[:1])
