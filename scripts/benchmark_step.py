@@ -7,7 +7,8 @@ Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runna
     python scripts/benchmark_step.py paper2d --options none checkpointing both --steps 5
 
 ``--options`` times the LKM-UNet step once per memory option (``scripts/benchmark_memory.py``'s names:
-``none`` = no recomputation, the step before the memory options existed; ``checkpointing`` = the default;
+``none`` = no recomputation, the step before the memory options existed and what the default ``"auto"``
+does on the CPU; ``checkpointing`` = recomputation, what ``"auto"`` does on a GPU;
 ``both`` = checkpointing and ``ssm_autocast``, which acts only under autocast, so on the CPU's fp32 step it
 times like ``checkpointing``) and adds "x none", the step's cost relative to ``none``.
 
