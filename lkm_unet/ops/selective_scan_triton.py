@@ -53,7 +53,8 @@ def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, .
 
 def _warps(tile: int) -> int:
     # four tile elements per thread, at most 8 warps. Compiled ahead of time (selective_scan_triton_aot,
-    # ptxas of triton's wheel): the backward then needs 119-179 registers and no spill; a 16-warp forward
+    # ptxas of triton's wheel): the backward needs 119-179 registers (8 bytes of stack in one all-bf16
+    # variant without options, none with them); a 16-warp forward
     # (a 2048-element tile) was held to 64 registers by ptxas and spilled 8-24 bytes for fp16/bf16 inputs,
     # while 8 warps (8 elements per thread) use 107-119 registers and spill nothing
     return max(1, min(8, tile // 128))
