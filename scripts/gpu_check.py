@@ -472,10 +472,11 @@ def parse_variant(variant: str) -> tuple[str, bool, str]:
         raise ValueError(f"train variant {variant!r}: memory option {option!r} is not one of {sorted(MEMORY_OPTIONS)}")
     if flag not in ("", "nocc"):
         raise ValueError(f"train variant {variant!r}: {flag!r} is not 'nocc'")
-    if not option:  # the network's defaults, named after the option they equal
+    if not option:  # the network's defaults on a GPU, named after the option they equal
         from lkm_unet.nets.lkm_unet import DEFAULT_MEMORY_OPTIONS
+        on_gpu = {k: (True if v == "auto" else v) for k, v in DEFAULT_MEMORY_OPTIONS.items()}  # "auto": on GPUs
         option = next((name for name, kw in MEMORY_OPTIONS.items()
-                       if all(DEFAULT_MEMORY_OPTIONS[k] == v for k, v in kw.items())), "default")
+                       if all(on_gpu[k] == v for k, v in kw.items())), "default")
     return backend, flag != "nocc", option
 
 
