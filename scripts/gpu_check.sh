@@ -92,7 +92,14 @@ main() {
         wait $pm; local rm=$?
         wait $pc; local rc=$?
         cat /tmp/lkm_gpu_build/mamba.out /tmp/lkm_gpu_build/causal.out
-        cat /tmp/lkm_gpu_build/mamba.log /tmp/lkm_gpu_build/causal.log > "$OUT/build.log" 2>/dev/null
+        if [ $rc -ne 0 ]; then  # the split has not been built on a GPU machine before: fall back to one file
+            echo "causal-conv1d failed with its backward split; building it unsplit"
+            cp /tmp/lkm_gpu_build/causal.log /tmp/lkm_gpu_build/causal_split.log
+            build_one causal 'causal_conv1d-*.tar.gz' CAUSAL_CONV1D; rc=$?
+            export BUILD_NOTE="${BUILD_NOTE:-} causal-conv1d split build failed, built unsplit"
+        fi
+        cat /tmp/lkm_gpu_build/mamba.log /tmp/lkm_gpu_build/causal_split.log /tmp/lkm_gpu_build/causal.log \
+            > "$OUT/build.log" 2>/dev/null
         export BUILD_S_MAMBA=$(cat /tmp/lkm_gpu_build/mamba.seconds) BUILD_S_CAUSAL=$(cat /tmp/lkm_gpu_build/causal.seconds)
         echo "builds (in parallel, sm_$ARCH, MAX_JOBS=${MAX_JOBS:-$(nproc)}): mamba-ssm ${BUILD_S_MAMBA} s, causal-conv1d ${BUILD_S_CAUSAL} s, wall $(( $(date +%s) - t0 )) s"
         [ $rm -eq 0 ] && [ $rc -eq 0 ] || { echo "BUILD FAILED (build.log)"; return 1; }
