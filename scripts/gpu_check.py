@@ -4,7 +4,7 @@
 Run through ``scripts/gpu_check.sh`` (which builds mamba-ssm and causal-conv1d first), or directly when
 both are installed:
 
-    python3 scripts/gpu_check.py --out results/ [--sections parity,module,bench,train,gradcheck,compile]
+    python3 scripts/gpu_check.py --out results/ [--sections warmup,parity,bench,train,compile,module,gradcheck]
 
 Backends compared: ``cuda`` (mamba-ssm's kernel), ``triton`` (this package's Triton kernels), ``torch``.
 A training-step backend written ``triton/nocc`` runs with causal-conv1d switched off (the depthwise conv
@@ -18,20 +18,28 @@ Sections (results go to ``<out>/results.json`` after each one; a short table is 
 - ``module``: ``mamba_ssm.modules.mamba_simple.Mamba`` against ``lkm_unet.Mamba`` (state_dict both ways
   with ``strict=True``, same-seed initialisation, outputs and gradients).
 - ``bench``: scan forward and forward+backward time (CUDA events, median) and peak memory, per backend.
-- ``train``: one LKM-UNet training step (bf16 autocast, SGD) per config and backend, each in its own
-  process with a time limit: step time, peak memory, loss/gradient agreement between backends, NaN check.
+- ``warmup``: runs every triton kernel variant the later sections launch once (scan shapes and the 2D and
+  3D networks), so that triton's disk cache serves them; ``gpu_check.sh`` runs it while mamba-ssm builds.
+- ``train``: LKM-UNet training steps (bf16 autocast, SGD), one process per config running each variant
+  ``backend[/nocc][@memory option]`` in turn (issue 7: cuda vs triton vs triton without causal-conv1d;
+  issue 8: the memory options ``none``, ``autocast``, ``checkpointing``, ``both`` with the cuda scan, and
+  ``backbone``, the same ResidualEncoderUNet without PiM/PaM):
+  step time, peak memory, step-0 loss/gradient agreement between variants of one memory option, NaN check.
 - ``gradcheck``: step-0 gradients of one network per backend, repeated, in bf16 autocast and in fp32, in
   one process: how far the backends' gradients differ beyond run-to-run nondeterminism, and where.
 - ``compile``: the same step through ``torch.compile`` per backend of ``--compile-backends``, with the
   number of graph breaks (the scan is a registered custom op: expected 0).
 
-``--smoke`` runs tiny versions of parity/module/bench on whatever device is there (CPU included), to
-check the script itself.
+``--smoke`` runs tiny versions of every section on whatever device is there (CPU included), to check
+the script itself: ``python scripts/gpu_check.py --smoke --sections warmup,parity,bench,train,compile
+--train-variants torch@none,torch --compile-backends torch`` (with ``TRITON_INTERPRET=1`` the triton
+variants run in the interpreter too).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import itertools
 import json
 import math
@@ -189,6 +197,43 @@ def section_parity(dev: torch.device, cuda_ok: bool, smoke: bool, triton_ok: boo
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     RESULTS["parity"] = rows
+
+
+def section_warmup(dev: torch.device, smoke: bool) -> None:
+    """Compile (run once) the triton kernels that parity, bench and train will launch, while mamba-ssm builds:
+    triton's disk cache then serves every later process. Also the first GPU check of the triton kernels."""
+    t0 = time.time()
+    shapes = [(2, 8, 33)] if smoke else [(2, 32, 257), (2, 64, 1600), (64, 64, 1600), (1600, 64, 64),
+                                         (400, 256, 16), (1, 640, 840), (1, 64, 26880)]
+    rows = RESULTS.setdefault("warmup", [])
+    for b, d, l in shapes:
+        for flags in TRITON_FLAGS:
+            inp = scan_inputs(b, d, l, 16, flags, dev)
+            out = run_scan("triton", inp, torch.randn(b, d, l, device=dev))
+            ref = run_scan("torch", inp, torch.randn(b, d, l, device=dev), grad=False)
+            rows.append({"shape": [b, d, l], "flags": flag_name(flags), "y_vs_torch": rel(out["y"], ref["y"])})
+    log(f"warmup: triton scans compiled for {len(rows)} shape/flag variants in {time.time() - t0:.0f} s; "
+        f"worst y vs torch {max(r['y_vs_torch'] for r in rows):.1e}")
+    from lkm_unet.modules import mamba as mamba_module
+    causal_fn = mamba_module._causal_conv1d_fn
+    mamba_module._causal_conv1d_fn = lambda: None  # causal-conv1d may be half-installed while it builds
+    try:
+        for config, (batch, patch) in TRAIN_CONFIGS.items():
+            extra: dict[str, Any] = {}
+            if smoke:  # a tiny network and input, padded to the windows, to check the script on a CPU
+                batch, patch, extra = smoke_setup(config, patch)
+            t = time.time()
+            net = lkm_unet.LKMUNet.from_preset("paper", config, input_channels=1, num_classes=14,
+                                               deep_supervision=True, **extra).to(dev)
+            x = torch.randn(batch, 1, *patch, device=dev)
+            with scan_backend("triton"), torch.autocast(dev.type, dtype=torch.bfloat16):
+                outs = net(x)
+            sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs])).backward()
+            sync(dev)
+            del net, outs
+            log(f"warmup: {config} step with triton in {time.time() - t:.0f} s")
+    finally:
+        mamba_module._causal_conv1d_fn = causal_fn
 
 
 # --------------------------------------------------------------------------------------------- module
@@ -380,6 +425,17 @@ def section_bench(dev: torch.device, cuda_ok: bool, smoke: bool, backends: list[
 TRAIN_CONFIGS = {"abdomen_mr_2d": (2, (320, 320)), "abdomen_ct_3d": (2, (40, 224, 192))}
 
 
+def smoke_setup(config: str, patch: tuple[int, ...]) -> tuple[int, tuple[int, ...], dict[str, Any]]:
+    """``--smoke``: batch 1, an input twice the network's total stride (128x128, 16x128x128) padded to the
+    windows, 4-8 channels per stage."""
+    from lkm_unet import load_config
+
+    arch = load_config(config)["architecture"]
+    stride = [math.prod(s[axis] for s in arch["strides"]) for axis in range(len(patch))]
+    return 1, tuple(2 * s for s in stride), {
+        "shape_policy": "pad", "features_per_stage": [4] + [8] * (len(arch["features_per_stage"]) - 1)}
+
+
 def ds_loss(outs: Any, target: torch.Tensor) -> torch.Tensor:
     """nnU-Net-style deep supervision: CE per output against the nearest-downsampled labels,
     weights 1/2^i normalised, the lowest resolution weighted 0."""
@@ -398,37 +454,108 @@ def ds_loss(outs: Any, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def worker_train(config: str, backend: str, budget: float, compile_: bool, grad_out: Optional[str],
-                 smoke: bool = False) -> dict:
-    """One config/backend: step-0 loss and gradients (same weights/input in every process), then timed
-    SGD steps under bf16 autocast. ``backend`` may end in ``/nocc``: causal-conv1d switched off."""
+#: the memory options of issue 8 (LKMUNet kwargs); "default" is LKMUNet's own defaults
+MEMORY_OPTIONS = {"none": {"ssm_checkpointing": False, "ssm_autocast": False},
+                  "autocast": {"ssm_checkpointing": False, "ssm_autocast": True},
+                  "checkpointing": {"ssm_checkpointing": True, "ssm_autocast": False},
+                  "both": {"ssm_checkpointing": True, "ssm_autocast": True}}
+
+
+def parse_variant(variant: str) -> tuple[str, bool, str]:
+    """``"triton/nocc@both"`` -> ``("triton", False, "both")``: scan backend, causal-conv1d on, memory option.
+    ``"backbone"``: the same ResidualEncoderUNet without PiM/PaM (scripts/benchmark_memory.py builds it)."""
+    if variant == "backbone":
+        return "torch", False, "-"
+    head, _, option = variant.partition("@")
+    backend, _, flag = head.partition("/")
+    if option and option not in MEMORY_OPTIONS:
+        raise ValueError(f"train variant {variant!r}: memory option {option!r} is not one of {sorted(MEMORY_OPTIONS)}")
+    if flag not in ("", "nocc"):
+        raise ValueError(f"train variant {variant!r}: {flag!r} is not 'nocc'")
+    if not option:  # the network's defaults on a GPU, named after the option they equal
+        from lkm_unet.nets.lkm_unet import DEFAULT_MEMORY_OPTIONS
+        on_gpu = {k: (True if v == "auto" else v) for k, v in DEFAULT_MEMORY_OPTIONS.items()}  # "auto": on GPUs
+        option = next((name for name, kw in MEMORY_OPTIONS.items()
+                       if all(on_gpu[k] == v for k, v in kw.items())), "default")
+    return backend, flag != "nocc", option
+
+
+def worker_train(config: str, variants: list[str], budget: float, compile_: bool, smoke: bool = False,
+                 emit: Callable[[dict], None] = lambda res: None) -> list[dict]:
+    """One config, several variants in one process (cuDNN's autotuning is paid once): for each, step-0
+    loss and gradients (same weights and input for every variant), then timed SGD steps under bf16
+    autocast, and the peak memory of those steps. A variant is ``backend[/nocc][@memory option]``;
+    ``/nocc`` switches causal-conv1d off (the depthwise conv through nn.Conv1d, cuDNN). ``emit`` gets each
+    row as soon as it is done (a worker prints it, so that a later timeout loses only the running one)."""
     t_start = time.time()
-    variant = backend
-    backend, _, option = backend.partition("/")
     from lkm_unet.modules import mamba as mamba_module
-    if option == "nocc":
-        mamba_module._causal_conv1d_fn = lambda: None  # the depthwise conv through nn.Conv1d (cuDNN)
+    causal_fn = mamba_module._causal_conv1d_fn
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, patch = TRAIN_CONFIGS[config]
     extra: dict[str, Any] = {}
-    if smoke:  # a small input, padded to the windows, to check the script on a CPU
-        batch, patch, extra = 1, tuple(128 if len(patch) == 2 else 32 for _ in patch), {"shape_policy": "pad"}
-    torch.manual_seed(0)
-    net = lkm_unet.LKMUNet.from_preset("paper", config, input_channels=1, num_classes=14,
-                                       deep_supervision=True, **extra)  # built on the CPU: same init everywhere
-    net = net.to(dev)
+    if smoke:  # a tiny network and input, padded to the windows, to check the script on a CPU
+        batch, patch, extra = smoke_setup(config, patch)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, *patch, generator=gen).to(dev)
     target = torch.randint(0, 14, (batch, 1, *patch), generator=gen).to(dev)
     torch.backends.cudnn.benchmark = True  # as nnU-Net
+    rows, reference_grads = [], {}
+    for k, variant in enumerate(variants):
+        backend, causal, option = parse_variant(variant)
+        share = (budget - (time.time() - t_start)) / (len(variants) - k)
+        res: dict[str, Any] = {"config": config, "backend": variant, "scan": backend, "causal_conv1d": causal,
+                               "memory_option": option, "batch": batch, "patch": list(patch), "compile": compile_}
+        rows.append(res)
+        if share < (15 if k else 5):
+            res["skipped"] = "out of time"
+            emit(res)
+            continue
+        try:
+            mamba_module._causal_conv1d_fn = causal_fn if causal else (lambda: None)
+            res.update(train_variant(config, backend, option, x, target, share, compile_, extra, dev))
+            res["causal_conv1d"] = mamba_module._causal_conv1d_fn() is not None
+            grads = res.pop("grads")
+            ref = reference_grads.get(option)
+            if ref is None:
+                reference_grads[option] = (variant, res["loss0"], grads)
+            else:  # agreement with the first variant of the same memory option
+                res["agreement"] = {"with": ref[0], "loss_rel_diff": abs(res["loss0"] - ref[1]) / abs(ref[1]),
+                                    "grad_rel_diff": rel(grads, ref[2])}
+        except Exception as error:  # noqa: BLE001 -- report any failure with its text, go on
+            res["error"] = ("OOM: " if isinstance(error, torch.OutOfMemoryError) else "") + \
+                f"{type(error).__name__}: {error}"[:3000]
+            res["traceback"] = traceback.format_exc()[-4000:]
+        finally:
+            mamba_module._causal_conv1d_fn = causal_fn
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        log(f"train {config} {variant}: " + ", ".join(f"{key}={res[key]}" for key in
+            ("first_step_s", "step_ms_median", "peak_gib", "loss0", "agreement", "error") if key in res))
+        emit(res)
+    return rows
+
+
+def train_variant(config: str, backend: str, option: str, x: torch.Tensor, target: torch.Tensor, budget: float,
+                  compile_: bool, extra: dict, dev: torch.device) -> dict[str, Any]:
+    """Step-0 loss and gradients, then timed steps within ``budget`` seconds, of one fresh network."""
+    t_start = time.time()
+    torch.manual_seed(0)
+    if option == "-":  # the backbone, as the memory benchmark builds it
+        spec = importlib.util.spec_from_file_location("benchmark_memory", ROOT / "scripts" / "benchmark_memory.py")
+        bench_memory = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_memory)
+        short = {v: k for k, v in bench_memory.CONFIGS.items()}[config]
+        net = bench_memory.build({"config": short, "network": "backbone", "preset": "paper"})
+    else:
+        net = lkm_unet.LKMUNet.from_preset("paper", config, input_channels=1, num_classes=14, deep_supervision=True,
+                                           **MEMORY_OPTIONS.get(option, {}), **extra)  # built on the CPU: same init
+    net = net.to(dev)
     model = torch.compile(net) if compile_ else net
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    res: dict[str, Any] = {"config": config, "backend": variant, "batch": batch, "patch": list(patch),
-                           "compile": compile_, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
-                           "causal_conv1d": mamba_module._causal_conv1d_fn() is not None,
+    res: dict[str, Any] = {"params_M": sum(p.numel() for p in net.parameters()) / 1e6,
                            "scan_backend_resolved": resolve_backend(backend, dev)}
 
-    def step(update: bool) -> float:
+    def step(update: bool) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             outs = model(x)
@@ -444,28 +571,22 @@ def worker_train(config: str, backend: str, budget: float, compile_: bool, grad_
         sync(dev)
         res["first_step_s"] = time.time() - t
         res["loss0"] = loss0
-        grads = [p.grad.detach().float().flatten() for p in net.parameters() if p.grad is not None]
-        flat = torch.cat(grads)
+        flat = torch.cat([p.grad.detach().float().flatten() for p in net.parameters() if p.grad is not None])
         res["grad_finite"] = bool(torch.isfinite(flat).all())
         res["grad_norm"] = flat.norm().item()
-        if grad_out:
-            torch.save(flat.cpu(), grad_out)
-        del grads, flat
-        log(f"train {config} {backend} compile={compile_}: first step {res['first_step_s']:.1f} s, "
-            f"loss0 {loss0:.6f}")
+        res["grads"] = flat.cpu()
+        del flat
         losses = [loss0]
-        # warm-up then timed steps with the optimizer, within the budget
         t = time.time()
-        losses.append(step(update=True).item())
+        losses.append(step(update=True).item())  # warm-up with the optimizer
         sync(dev)
         est = time.time() - t
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        spent = time.time() - t_start
-        reps = int(max(2, min(10, (budget - spent - 5) / max(est, 1e-3) - 1)))
+        reps = int(max(1, min(10, (budget - (time.time() - t_start) - 2) / max(est, 1e-3))))
         times = []
         for _ in range(reps):
-            if time.time() - t_start + est > budget - 3 and len(times) >= 1:
+            if times and time.time() - t_start + est > budget - 1:
                 break
             times.append(time_ms(lambda i: losses.append(step(update=True).item()), dev, max_s=0,
                                  min_reps=1, max_reps=1, warm=False)["median_ms"])
@@ -483,8 +604,8 @@ def worker_gradcheck(config: str, smoke: bool = False) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, patch = TRAIN_CONFIGS[config]
     extra: dict[str, Any] = {}
-    if smoke:
-        batch, patch, extra = 1, tuple(128 if len(patch) == 2 else 32 for _ in patch), {"shape_policy": "pad"}
+    if smoke:  # a tiny network and input, padded to the windows, to check the script on a CPU
+        batch, patch, extra = smoke_setup(config, patch)
     torch.manual_seed(0)
     net = lkm_unet.LKMUNet.from_preset("paper", config, input_channels=1, num_classes=14,
                                        deep_supervision=True, **extra).to(dev)
@@ -539,97 +660,78 @@ def section_gradcheck(configs: list[str], limit: float, smoke: bool) -> None:
         if budget < 30:
             rows.append({"config": config, "skipped": "out of time"})
             continue
-        res = run_worker(["--worker", "gradcheck", "--config", config] + (["--smoke"] if smoke else []), budget)
-        res.setdefault("config", config)
-        rows.append(res)
+        for res in run_worker(["--worker", "gradcheck", "--config", config] + (["--smoke"] if smoke else []),
+                              budget):
+            res.setdefault("config", config)
+            rows.append(res)
 
 
-def run_worker(args: list[str], timeout: float) -> dict:
+def run_worker(args: list[str], timeout: float) -> list[dict]:
+    """Run this script as a worker; its ``RESULT {json}`` lines (one per finished row), even after a timeout."""
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
     log("run:", " ".join(args), f"(limit {timeout:.0f} s)")
+    error = None
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired as error:
-        text = error.stdout or ""
-        text = text.decode() if isinstance(text, bytes) else text
-        print(text[-3000:], flush=True)
-        return {"error": f"did not finish within its {timeout:.0f} s limit", "tail": text[-1500:]}
-    out = proc.stdout
+        out = proc.stdout
+        if proc.returncode:
+            error = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired as expired:
+        out = expired.stdout or ""
+        out = out.decode() if isinstance(out, bytes) else out
+        error = f"did not finish within its {timeout:.0f} s limit"
     print("\n".join(line for line in out.splitlines() if not line.startswith("RESULT ")), flush=True)
-    for line in reversed(out.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": f"exit code {proc.returncode}", "tail": out[-3000:]}
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    if error:
+        rows.append({"error": error, "tail": out[-3000:]})
+    return rows
 
 
 def worker_main(ns: argparse.Namespace) -> None:
     import logging
     logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)  # dynamic-shape chatter
-    try:
-        if ns.worker == "gradcheck":
-            print("RESULT " + json.dumps(worker_gradcheck(ns.config, ns.smoke), default=str), flush=True)
-            return
-        res = worker_train(ns.config, ns.backend, ns.budget, ns.worker == "compile", ns.grad_out, ns.smoke)
-    except Exception as error:  # noqa: BLE001 -- report any failure with its text
-        res = {"config": ns.config, "backend": ns.backend, "compile": ns.worker == "compile",
-               "error": f"{type(error).__name__}: {error}"[:4000],
-               "traceback": traceback.format_exc()[-6000:]}
-        if isinstance(error, torch.OutOfMemoryError):
-            res["error"] = "OOM: " + str(error)[:500]
-    if ns.worker == "compile":
-        try:
+    if ns.worker == "gradcheck":
+        print("RESULT " + json.dumps(worker_gradcheck(ns.config, ns.smoke), default=str), flush=True)
+        return
+    def emit(res: dict) -> None:
+        if ns.worker == "compile":
             from torch._dynamo.utils import counters
             res["graph_breaks"] = {k: v for k, v in sorted(counters["graph_break"].items(),
                                                            key=lambda kv: -kv[1])[:15]}
             res["graph_break_total"] = sum(counters["graph_break"].values())
-        except Exception:  # noqa: BLE001
-            pass
-    print("RESULT " + json.dumps(res, default=str), flush=True)
+        print("RESULT " + json.dumps(res, default=str), flush=True)
+
+    worker_train(ns.config, ns.variants.split(","), ns.budget, ns.worker == "compile", ns.smoke, emit)
 
 
-def section_train(configs: list[str], backends: list[str], limits: dict[str, float], smoke: bool) -> None:
+def section_train(configs: list[str], variants: list[str], limits: dict[str, float], smoke: bool) -> None:
+    """One process per config running every variant (see :func:`worker_train`), within its limit."""
     rows = RESULTS.setdefault("train", [])
-    for config in configs:
-        got = {}
-        for backend in backends:
-            budget = min(limits.get(f"{config}:{backend}", 120.0), left() - 30)
-            if budget < 30:
-                rows.append({"config": config, "backend": backend, "skipped": "out of time"})
-                continue
-            grad_file = f"/tmp/lkm_grad_{config}_{backend.replace('/', '_')}.pt"
-            res = run_worker(["--worker", "train", "--config", config, "--backend", backend,
-                              "--budget", str(budget - 15), "--grad-out", grad_file]
-                             + (["--smoke"] if smoke else []), budget)
+    for i, config in enumerate(configs):
+        budget = min(limits.get(config, 120.0), left() - 10 * (len(configs) - i))
+        if budget < 30:
+            rows.append({"config": config, "skipped": "out of time"})
+            continue
+        for res in run_worker(["--worker", "train", "--config", config, "--variants", ",".join(variants),
+                               "--budget", str(budget - 8)] + (["--smoke"] if smoke else []), budget):
             res.setdefault("config", config)
-            res.setdefault("backend", backend)
             rows.append(res)
-            if "loss0" in res:
-                got[backend] = (res["loss0"], grad_file)
-        first = next(iter(got), None)
-        for other in list(got)[1:]:
-            (la, ga), (lb, gb) = got[other], got[first]
-            g_a, g_b = torch.load(ga), torch.load(gb)
-            agree = {"config": config, "pair": f"{other} vs {first}", "loss_a": la, "loss_b": lb,
-                     "loss_rel_diff": abs(la - lb) / abs(lb), "grad_rel_diff": rel(g_a, g_b)}
-            RESULTS.setdefault("train_agreement", []).append(agree)
-            log("train agreement:", agree)
-        for _, g in got.values():
-            Path(g).unlink(missing_ok=True)
 
 
 def section_compile(configs: list[str], backends: list[str], limit: float, smoke: bool) -> None:
+    """``torch.compile`` of the step, one process per config and backend (dynamo's counters are per process)."""
     rows = RESULTS.setdefault("compile", [])
     for config, backend in itertools.product(configs, backends):
-        budget = min(limit, left() - 20)
-        if budget < 60:
+        budget = min(limit, left() - 5)
+        if budget < 45:
             rows.append({"config": config, "backend": backend, "skipped": "out of time"})
             continue
-        res = run_worker(["--worker", "compile", "--config", config, "--backend", backend,
-                          "--budget", str(budget - 15)] + (["--smoke"] if smoke else []), budget)
-        res.setdefault("config", config)
-        res.setdefault("backend", backend)
-        rows.append(res)
+        for res in run_worker(["--worker", "compile", "--config", config, "--variants", backend,
+                               "--budget", str(budget - 8)] + (["--smoke"] if smoke else []), budget):
+            res.setdefault("config", config)
+            res.setdefault("backend", backend)
+            rows.append(res)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -672,17 +774,19 @@ def print_tables() -> None:
                          f"{fmt(r['fwd_peak_mib'], '.1f')} | {fmt(r['fwd_bwd_peak_mib'], '.1f')} | "
                          f"{r['fwd_min_bytes'] / f / 1e6:.0f} |")
     if RESULTS.get("train"):
-        lines += ["", "| config | backend | step ms (median) | steps | first step s | peak GiB | loss0 | finite |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| config | scan | causal-conv1d | memory option | step ms (median) | steps | first step s | "
+                      "peak GiB | loss0 | finite | vs same option: loss, grads rel |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in RESULTS["train"]:
+            head = f"| {r['config']} | {r.get('scan', r.get('backend', '-'))} | {r.get('causal_conv1d', '-')} | " \
+                   f"{r.get('memory_option', '-')} |"
             if "step_ms_median" not in r:
-                lines.append(f"| {r['config']} | {r['backend']} | {r.get('skipped') or r.get('error', '')[:200]} |")
+                lines.append(f"{head} {r.get('skipped') or str(r.get('error', ''))[:200]} |")
                 continue
-            lines.append(f"| {r['config']} | {r['backend']} | {r['step_ms_median']:.1f} | {len(r['step_ms_all'])} | "
-                         f"{r['first_step_s']:.1f} | {r['peak_gib']:.2f} | {r['loss0']:.6f} | {r['all_finite']} |")
-        for a in RESULTS.get("train_agreement", []):
-            lines.append(f"agreement {a['config']} {a['pair']}: loss {a['loss_a']:.6f} vs {a['loss_b']:.6f} "
-                         f"rel {a['loss_rel_diff']:.1e}; grads rel {a['grad_rel_diff']:.1e}")
+            a = r.get("agreement")
+            agree = f"{a['loss_rel_diff']:.1e}, {a['grad_rel_diff']:.1e} (vs {a['with']})" if a else "-"
+            lines.append(f"{head} {r['step_ms_median']:.1f} | {len(r['step_ms_all'])} | {r['first_step_s']:.1f} | "
+                         f"{r['peak_gib']:.2f} | {r['loss0']:.6f} | {r['all_finite']} | {agree} |")
     for r in RESULTS.get("gradcheck", []):
         for k, v in r.items():
             if isinstance(v, dict) and "grad_rel" in v:
@@ -690,7 +794,7 @@ def print_tables() -> None:
         if "error" in r:
             lines.append(f"gradcheck {r['config']}: {r['error'][:500]}")
     for r in RESULTS.get("compile", []):
-        if "step_ms_median" in r:
+        if "step_ms_median" in r and "first_step_s" in r:
             lines.append(f"compile {r['config']} {r.get('backend')}: OK, first (compiling) step {r['first_step_s']:.1f} s, "
                          f"then {r['step_ms_median']:.1f} ms/step, loss0 {r['loss0']:.6f}, "
                          f"graph breaks {r.get('graph_break_total')}")
@@ -704,34 +808,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     # in order of priority: a section that finds too little time left is skipped
-    p.add_argument("--sections", default="parity,bench,train,compile",
-                   help="any of parity,bench,train,compile,module,gradcheck, run in the order given")
+    p.add_argument("--sections", default="parity,bench,train",
+                   help="any of warmup,parity,bench,train,compile,module,gradcheck, run in the order given")
+    p.add_argument("--append", action="store_true", help="add to <out>/results.json instead of replacing it")
     p.add_argument("--bench-backends", default="cuda,triton")
     p.add_argument("--train-configs", default="abdomen_mr_2d,abdomen_ct_3d")
-    p.add_argument("--train-backends", default="cuda,triton,triton/nocc",
-                   help="/nocc: with causal-conv1d switched off (nn.Conv1d through cuDNN)")
-    p.add_argument("--train-limits", default="abdomen_mr_2d:cuda=60,abdomen_mr_2d:triton=75,"
-                                             "abdomen_mr_2d:triton/nocc=60,abdomen_mr_2d:torch=90,"
-                                             "abdomen_ct_3d:cuda=90,abdomen_ct_3d:triton=100,"
-                                             "abdomen_ct_3d:triton/nocc=90,abdomen_ct_3d:torch=120",
-                   help="seconds per config:backend process")
+    p.add_argument("--train-variants",
+                   default="cuda@none,cuda@autocast,cuda@checkpointing,cuda@both,triton,triton/nocc,backbone",
+                   help="backend[/nocc][@memory option], or backbone: /nocc switches causal-conv1d off (nn.Conv1d "
+                        "through cuDNN); no @option: LKMUNet's default memory options; backbone: the "
+                        "ResidualEncoderUNet without PiM/PaM")
+    p.add_argument("--train-limits", default="abdomen_mr_2d=100,abdomen_ct_3d=120",
+                   help="seconds per config (one process runs all its variants)")
     p.add_argument("--compile-configs", default="abdomen_mr_2d")
     p.add_argument("--compile-backends", default="triton,cuda")
     p.add_argument("--gradcheck-configs", default="abdomen_mr_2d")
     p.add_argument("--compile-limit", type=float, default=150)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script")
-    # worker mode (one training step per process)
+    # worker mode (one config per process)
     p.add_argument("--worker", choices=["train", "compile", "gradcheck"])
     p.add_argument("--config")
-    p.add_argument("--backend")
+    p.add_argument("--variants")
     p.add_argument("--budget", type=float, default=120)
-    p.add_argument("--grad-out")
     ns = p.parse_args()
     if ns.worker:
         worker_main(ns)
         return
 
     ns.out.mkdir(parents=True, exist_ok=True)
+    if ns.append and (ns.out / "results.json").exists():
+        RESULTS.update(json.loads((ns.out / "results.json").read_text()))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # parity in true fp32 (cuDNN would otherwise run the nn.Conv1d path in TF32)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -753,21 +859,19 @@ def main() -> None:
     RESULTS["env"] = env
     log("env:", env)
     sections = ns.sections.split(",")
-    limits = {}
-    for item in ns.train_limits.split(","):
-        k, v = item.rsplit("=", 1)
-        limits[k] = float(v)
+    limits = {k: float(v) for k, v in (item.rsplit("=", 1) for item in ns.train_limits.split(","))}
     jobs = {
+        "warmup": lambda: section_warmup(dev, ns.smoke),
         "parity": lambda: section_parity(dev, cuda_ok, ns.smoke, triton_ok),
         "module": lambda: section_module(dev, cuda_ok, ns.smoke),
         "bench": lambda: section_bench(dev, cuda_ok, ns.smoke, ns.bench_backends.split(",")),
-        "train": lambda: section_train(ns.train_configs.split(","), ns.train_backends.split(","), limits, ns.smoke),
+        "train": lambda: section_train(ns.train_configs.split(","), ns.train_variants.split(","), limits, ns.smoke),
         "gradcheck": lambda: section_gradcheck(ns.gradcheck_configs.split(","), 150, ns.smoke),
         "compile": lambda: section_compile(ns.compile_configs.split(","), ns.compile_backends.split(","),
                                            ns.compile_limit, ns.smoke),
     }
     for name in sections:
-        if name in ("train", "compile", "gradcheck") and dev.type != "cuda" and not ns.smoke:
+        if name in ("warmup", "train", "compile", "gradcheck") and dev.type != "cuda" and not ns.smoke:
             log(f"{name}: skipped (needs CUDA)")
             continue
         log(f"--- {name} ---")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from types import ModuleType
@@ -152,6 +153,21 @@ def status(name: str, device_type: str) -> str:
     return "ok"
 
 
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _no_gpu_detail() -> str:
+    """Why torch sees no CUDA device: a CPU-only torch build, or a CUDA build that finds no GPU."""
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return (f"this torch is built for CUDA {torch.version.cuda} but finds no GPU: check the driver "
+            "(nvidia-smi) and CUDA_VISIBLE_DEVICES")
+
+
 def report(name: str) -> str:
     """What ``available_backends`` says about ``name``: 'ok', or why not here and how to fix it."""
     if name in ("torch", "ref"):
@@ -161,8 +177,11 @@ def report(name: str) -> str:
         lib = {"cuda": "mamba-ssm", "triton": "triton"}[name]
         have = installed("mamba_ssm" if name == "cuda" else "triton")
         reason = "torch sees no CUDA device" + ("" if have else f" and {lib} is not installed")
-        if name == "triton" and have:
-            reason += f" ({INTERPRET_ENV}=1 runs its kernels on CPU tensors, slowly, for tests)"
+        if name == "triton":
+            reason += f" ({_no_gpu_detail()})"
+            if have:
+                reason += (f"; triton {_version('triton')} is installed, its kernels need a CUDA GPU "
+                           f"({INTERPRET_ENV}=1 runs them on CPU tensors, slowly, for tests)")
         return reason  # no install helps without a GPU
     reason = status(name, where)
     if reason == "ok" or name not in INSTALL_HINTS or "not installed" not in reason and name != "cuda":

@@ -17,7 +17,7 @@ shrinks, so thin long sequences (a PaM scan at ``(1, 64, 26880)``) still fill a 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -52,9 +52,12 @@ def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, .
 
 
 def _warps(tile: int) -> int:
-    # four tile elements per thread: compiled for sm_90 (ptxas in triton's wheel), the backward then needs
-    # 137-235 registers and no spill; at eight per thread it spilled 296 bytes of stack
-    return max(1, min(16, tile // 128))
+    # four tile elements per thread, at most 8 warps. Compiled ahead of time (selective_scan_triton_aot,
+    # ptxas of triton's wheel): the backward needs 119-179 registers (8 bytes of stack in one all-bf16
+    # variant without options, none with them); a 16-warp forward
+    # (a 2048-element tile) was held to 64 registers by ptxas and spilled 8-24 bytes for fp16/bf16 inputs,
+    # while 8 warps (8 elements per thread) use 107-119 registers and spill nothing
+    return max(1, min(8, tile // 128))
 
 
 def _flags(D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool) -> dict:
@@ -77,9 +80,28 @@ def _c(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.contiguous()
 
 
-def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """``(out: (b, d, l)`` in ``u``'s dtype, ``states: (b, d, n_chunks, n)`` fp32``)``."""
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **meta)``; ``buffers`` are the tensors it writes."""
+
+    kernel: Any
+    grid: tuple[int, int]
+    args: tuple
+    meta: dict
+    buffers: dict
+
+    def run(self, like: Tensor) -> None:
+        """Launch on ``like``'s device (the current CUDA device must be the tensors' one)."""
+        with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+            self.kernel[self.grid](*self.args, **self.meta)
+
+
+def fwd_launch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Launch:
+    """The forward kernel's launch (grid, arguments, constexprs and ``num_warps``) with its outputs allocated.
+
+    ``scan_fwd`` runs it; :mod:`lkm_unet.ops.selective_scan_triton_aot` compiles the same launch for a GPU
+    target without one. ``buffers``: ``out`` (b, d, l) and ``states`` (b, d, n_chunks, n).
+    """
     _check(u, delta, A, B, C)
     u, delta, A, B, C, D, z, delta_bias = (_c(x) for x in (u, delta, A, B, C, D, z, delta_bias))
     batch, dim, length = u.shape
@@ -87,19 +109,24 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     block_d, _, chunk = plan(batch, dim, length)
     states = torch.zeros(states_shape(batch, dim, length, dstate), device=u.device, dtype=torch.float32)
     out = torch.empty_like(u)
-    grid = (batch, -(-dim // block_d))
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        kernels.scan_fwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, out, states, dim, length, states.shape[2],
-            DSTATE=dstate, BLOCK_D=block_d, CHUNK=chunk, **_flags(D, z, delta_bias, delta_softplus),
-            num_warps=_warps(block_d * chunk))
-    return out, states
+    return Launch(kernels.scan_fwd_kernel, (batch, -(-dim // block_d)),
+                  (u, delta, A, B, C, D, z, delta_bias, out, states, dim, length, states.shape[2]),
+                  dict(DSTATE=dstate, BLOCK_D=block_d, CHUNK=chunk, **_flags(D, z, delta_bias, delta_softplus),
+                       num_warps=_warps(block_d * chunk)),
+                  {"out": out, "states": states})
 
 
-def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-             states: Tensor) -> tuple[Optional[Tensor], ...]:
-    """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the inputs' dtypes; None for None inputs."""
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """``(out: (b, d, l)`` in ``u``'s dtype, ``states: (b, d, n_chunks, n)`` fp32``)``."""
+    launch = fwd_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    launch.run(u)
+    return launch.buffers["out"], launch.buffers["states"]
+
+
+def bwd_launch(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, states: Tensor) -> Launch:
+    """The backward kernel's launch (see :func:`fwd_launch`) with its gradients and partial sums allocated."""
     _check(u, delta, A, B, C)
     dout, u, delta, A, B, C, D, z, delta_bias = (_c(x) for x in (dout, u, delta, A, B, C, D, z, delta_bias))
     batch, dim, length = u.shape
@@ -108,24 +135,34 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     n_chunks = states.shape[2]
     d_blocks = -(-dim // block_d)
     f32 = {"device": u.device, "dtype": torch.float32}
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dA_part = torch.empty(batch, dim, n_chunks, dstate, **f32)
-    dB_part = torch.empty(d_blocks, batch, dstate, length, **f32)
-    dC_part = torch.empty(d_blocks, batch, dstate, length, **f32)
-    dD_part = torch.empty(batch, dim, **f32) if D is not None else None
-    dbias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    carry = torch.zeros(2, batch, dim, dstate, **f32)
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        kernels.scan_bwd_kernel[(batch, d_blocks)](
-            dout, u, delta, A, B, C, D, z, delta_bias, states, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
-            dbias_part, carry, batch, dim, length, n_chunks,
-            DSTATE=dstate, BLOCK_D=block_d, CHUNK=chunk, **_flags(D, z, delta_bias, delta_softplus),
-            num_warps=_warps(block_d * chunk))
-    dA = dA_part.sum(dim=(0, 2)).to(A.dtype)
-    dB = (dB_part[0] if d_blocks == 1 else dB_part.sum(dim=0)).to(B.dtype)
-    dC = (dC_part[0] if d_blocks == 1 else dC_part.sum(dim=0)).to(C.dtype)
-    dD = None if D is None else dD_part.sum(dim=0).to(D.dtype)
-    dbias = None if delta_bias is None else dbias_part.sum(dim=0).to(delta_bias.dtype)
-    return du, ddelta, dA, dB.contiguous(), dC.contiguous(), dD, dz, dbias
+    buffers = {
+        "du": torch.empty_like(u), "ddelta": torch.empty_like(delta),
+        "dz": torch.empty_like(z) if z is not None else None,
+        "dA_part": torch.empty(batch, dim, n_chunks, dstate, **f32),
+        "dB_part": torch.empty(d_blocks, batch, dstate, length, **f32),
+        "dC_part": torch.empty(d_blocks, batch, dstate, length, **f32),
+        "dD_part": torch.empty(batch, dim, **f32) if D is not None else None,
+        "dbias_part": torch.empty(batch, dim, **f32) if delta_bias is not None else None,
+        "carry": torch.zeros(2, batch, dim, dstate, **f32),
+    }
+    args = (dout, u, delta, A, B, C, D, z, delta_bias, states, *buffers.values(), batch, dim, length, n_chunks)
+    return Launch(kernels.scan_bwd_kernel, (batch, d_blocks), args,
+                  dict(DSTATE=dstate, BLOCK_D=block_d, CHUNK=chunk, **_flags(D, z, delta_bias, delta_softplus),
+                       num_warps=_warps(block_d * chunk)),
+                  buffers)
 
+
+def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+             states: Tensor) -> tuple[Optional[Tensor], ...]:
+    """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the inputs' dtypes; None for None inputs."""
+    launch = bwd_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states)
+    launch.run(u)
+    buf = launch.buffers
+    d_blocks = launch.grid[1]
+    dA = buf["dA_part"].sum(dim=(0, 2)).to(A.dtype)
+    dB = (buf["dB_part"][0] if d_blocks == 1 else buf["dB_part"].sum(dim=0)).to(B.dtype)
+    dC = (buf["dC_part"][0] if d_blocks == 1 else buf["dC_part"].sum(dim=0)).to(C.dtype)
+    dD = None if D is None else buf["dD_part"].sum(dim=0).to(D.dtype)
+    dbias = None if delta_bias is None else buf["dbias_part"].sum(dim=0).to(delta_bias.dtype)
+    return buf["du"], buf["ddelta"], dA, dB.contiguous(), dC.contiguous(), dD, buf["dz"], dbias

@@ -137,6 +137,28 @@ def test_available_backends_names_every_backend_with_a_reason() -> None:
         assert backends_now["triton"].startswith("torch sees no CUDA device")
 
 
+@pytest.mark.parametrize("torch_cuda,triton_installed", [(None, True), ("12.4", True), (None, False)])
+def test_available_backends_says_why_triton_is_unusable_without_a_gpu(
+        monkeypatch: pytest.MonkeyPatch, torch_cuda: str, triton_installed: bool) -> None:
+    """No CUDA device: the triton line names the cause (CPU-only torch, or a CUDA torch that finds no GPU)
+    and whether triton itself is there; no install hint, since no install helps without a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the triton line is its self-test's result")
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setattr(backends, "installed", lambda module: triton_installed if module == "triton" else False)
+    monkeypatch.setattr(backends, "_version", lambda dist: "3.9.0")
+    cause = (f"this torch {torch.__version__} is a CPU-only build" if torch_cuda is None else
+             "this torch is built for CUDA 12.4 but finds no GPU: check the driver (nvidia-smi) and "
+             "CUDA_VISIBLE_DEVICES")
+    if triton_installed:
+        want = (f"torch sees no CUDA device ({cause}); triton 3.9.0 is installed, its kernels need a CUDA GPU "
+                "(TRITON_INTERPRET=1 runs them on CPU tensors, slowly, for tests)")
+    else:
+        want = f"torch sees no CUDA device and triton is not installed ({cause})"
+    assert backends.report("triton") == want
+    assert available_backends()["triton"] == want
+
+
 @pytest.mark.parametrize("usable,expected", [({"cuda", "triton"}, "cuda"), ({"triton"}, "triton"), (set(), "torch")])
 def test_auto_order_on_cuda_tensors_and_the_line_that_says_why(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, usable: set, expected: str) -> None:
