@@ -56,14 +56,19 @@ DEFAULT_RUNS = (Run("LKMUNetTrainer", DEFAULT_LKM_PLANS), Run("LKMUNetTrainer_no
                 Run("nnUNetTrainer", "nnUNetResEncUNetMPlans"))
 
 
-def _command(args: list[str], log: Path) -> None:
-    """Run a stock command, its output appended to ``log``; a failure names the command and the log."""
+def _command(args: list[str], log: Path, planning: bool = False) -> None:
+    """Run a stock command, its output appended to ``log``; a failure names the command and the log.
+    ``planning`` drops ``nnUNet_n_proc_DA=0`` (in-process augmentation, common on CPUs): nnU-Net's planner
+    passes it to ``torch.set_num_threads``, which refuses 0."""
+    env = os.environ.copy()
+    if planning and env.get("nnUNet_n_proc_DA") == "0":
+        del env["nnUNet_n_proc_DA"]
     log.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", " ".join(args))
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(args)}\n")
         handle.flush()
-        code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise CompareError(f"`{' '.join(args)}` failed with exit code {code}; log: {log}\n{tail}")
@@ -91,13 +96,13 @@ def ensure_plans(dataset_id: str, dataset_name: str, run: Run, configuration: st
                                f"--target-plans {run.plans}` or nnUNetv2_plan_experiment)")
         if not (folder / "dataset_fingerprint.json").is_file():
             _command(["nnUNetv2_extract_fingerprint", "-d", dataset_id, "-np", processes,
-                      "--verify_dataset_integrity"], logs / "planning.log")
+                      "--verify_dataset_integrity"], logs / "planning.log", planning=True)
         if run.plans in RESENC_PLANNERS:
             _command(["nnUNetv2_plan_experiment", "-d", dataset_id, "-pl", RESENC_PLANNERS[run.plans]],
-                     logs / "planning.log")
+                     logs / "planning.log", planning=True)
         else:
             if not (folder / "nnUNetPlans.json").is_file():
-                _command(["nnUNetv2_plan_experiment", "-d", dataset_id], logs / "planning.log")
+                _command(["nnUNetv2_plan_experiment", "-d", dataset_id], logs / "planning.log", planning=True)
             write_lkm_plans(dataset_id, [configuration], target_plans=run.plans)
     plans = json.loads(path.read_text())
     if configuration not in plans["configurations"]:
@@ -105,7 +110,7 @@ def ensure_plans(dataset_id: str, dataset_name: str, run: Run, configuration: st
     identifier = plans["configurations"][configuration].get("data_identifier", f"{run.plans}_{configuration}")
     if not (folder / identifier).is_dir():
         _command(["nnUNetv2_preprocess", "-d", dataset_id, "-plans_name", run.plans, "-c", configuration,
-                  "-np", processes], logs / "planning.log")
+                  "-np", processes], logs / "planning.log", planning=True)
 
 
 def run_folder(dataset_name: str, run: Run, configuration: str, fold: str) -> Path:
