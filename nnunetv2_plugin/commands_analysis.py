@@ -52,6 +52,7 @@ def _erf(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nnunetv2_plugin.analysis.budget import BudgetError
     from nnunetv2_plugin.analysis.compare import DEFAULT_RUNS, CompareError, Run, compare
     from nnunetv2_plugin.evaluation import EvaluationError
     from nnunetv2_plugin.plans import PlansError
@@ -59,8 +60,9 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         runs = [Run.parse(text) for text in args.run] if args.run else list(DEFAULT_RUNS)
         compare(args.dataset, args.configuration, Path(args.output_dir), runs, args.fold, args.collect_only,
-                args.test_images, args.test_labels, args.device, not args.disable_tta, args.force)
-    except (CompareError, EvaluationError, PlansError) as error:
+                args.test_images, args.test_labels, args.device, not args.disable_tta, args.force, args.schedule,
+                args.batch_size, args.allow_different_budgets)
+    except (BudgetError, CompareError, EvaluationError, PlansError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(Path(args.output_dir, "table.md").read_text())
@@ -115,6 +117,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--test-labels", default=None, help="test labels (default: the dataset's labelsTs)")
     m.add_argument("--device", choices=("cuda", "cpu", "mps"), default=None,
                    help="for nnUNetv2_train/predict (default cuda when available, else cpu)")
+    m.add_argument("--schedule", default=None, metavar="SUFFIX",
+                   help="train every run's trainer T as nnU-Net's variant T_SUFFIX, so that all runs train the same "
+                        "epochs x iterations: 1epoch, 5epochs, 10epochs, 50epochs, 100epochs, 250epochs, demo "
+                        "(8 x 25, the quickstart's). Default: each trainer as named (nnU-Net's 1000 x 250)")
+    m.add_argument("--batch-size", type=int, default=None,
+                   help="train every run with this batch size (plans <PLANS>_bs<N>, written beside each run's "
+                        "plans); default: each plans' own (ResEnc presets size theirs to a GPU memory budget)")
+    m.add_argument("--allow-different-budgets", action="store_true",
+                   help="tabulate runs whose epochs or iterations per epoch differ (refused by default)")
     m.add_argument("--disable-tta", action="store_true", help="predict without test-time mirroring")
     m.add_argument("--force", action="store_true", help="replace an existing comparison in the output folder")
     m.set_defaults(func=_compare)

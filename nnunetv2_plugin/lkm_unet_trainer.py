@@ -221,15 +221,10 @@ class LKMUNetTrainer_demo(LKMUNetTrainer):
         super().on_train_epoch_end(train_outputs)
 
 
-class LKMUNetTrainer_demo_noMamba(LKMUNetTrainer_demo):
-    """The quickstart's schedule for the no-Mamba ablation (docs/comparing.md)."""
-    lkm_arch_overrides = ablation_kwargs("no-mamba")
-
-
 TRAINERS = (
     "LKMUNetTrainer", "nnUNetTrainerLKMUNet", "LKMUNetTrainerNoDeepSupervision", "LKMUNetTrainerNoAMP",
     "LKMUNetTrainer_1epoch", "LKMUNetTrainer_5epochs", "LKMUNetTrainer_10epochs", "LKMUNetTrainer_50epochs",
     "LKMUNetTrainer_100epochs", "LKMUNetTrainer_250epochs", "LKMUNetTrainer_demo",
     "LKMUNetTrainer_noPiM", "LKMUNetTrainer_noPaM", "LKMUNetTrainer_noBiM", "LKMUNetTrainer_noMamba",
-    "LKMUNetTrainer_demo_noMamba",
 )
+# the ablation variants of every schedule (LKMUNetTrainer_noMamba_demo, ...): nnunetv2_plugin.schedule_trainers

@@ -13,11 +13,12 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from nnunetv2_plugin import DEFAULT_LKM_PLANS
+from nnunetv2_plugin.analysis.budget import batch_size_plans, check_same_budget, trained_budget, with_budget
 
 logger = logging.getLogger("lkm_unet")
 
@@ -55,14 +56,19 @@ DEFAULT_RUNS = (Run("LKMUNetTrainer", DEFAULT_LKM_PLANS), Run("LKMUNetTrainer_no
                 Run("nnUNetTrainer", "nnUNetResEncUNetMPlans"))
 
 
-def _command(args: list[str], log: Path) -> None:
-    """Run a stock command, its output appended to ``log``; a failure names the command and the log."""
+def _command(args: list[str], log: Path, planning: bool = False) -> None:
+    """Run a stock command, its output appended to ``log``; a failure names the command and the log.
+    ``planning`` drops ``nnUNet_n_proc_DA=0`` (in-process augmentation, common on CPUs): nnU-Net's planner
+    passes it to ``torch.set_num_threads``, which refuses 0."""
+    env = os.environ.copy()
+    if planning and env.get("nnUNet_n_proc_DA") == "0":
+        del env["nnUNet_n_proc_DA"]
     log.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", " ".join(args))
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(args)}\n")
         handle.flush()
-        code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise CompareError(f"`{' '.join(args)}` failed with exit code {code}; log: {log}\n{tail}")
@@ -76,28 +82,35 @@ def _env_folder(variable: str) -> Path:
 
 
 def ensure_plans(dataset_id: str, dataset_name: str, run: Run, configuration: str, logs: Path) -> None:
-    """Plan and preprocess what ``run`` needs and is missing: the ResEnc presets through nnU-Net's planner,
-    LKM-UNet plans through `lkm-unet plans`; any other plans must exist already."""
+    """Plan and preprocess what ``run`` needs and is missing: the dataset fingerprint, the ResEnc presets
+    through nnU-Net's planner, LKM-UNet plans through `lkm-unet plans` (from nnU-Net's default plans,
+    planned first if missing); any other plans must exist already."""
     from nnunetv2_plugin.plans_files import write_lkm_plans
 
     folder = _env_folder("nnUNet_preprocessed") / dataset_name
     path = folder / f"{run.plans}.json"
+    processes = os.environ.get("nnUNet_def_n_proc", "2")
     if not path.is_file():
-        if run.plans in RESENC_PLANNERS:
-            _command(["nnUNetv2_plan_experiment", "-d", dataset_id, "-pl", RESENC_PLANNERS[run.plans]],
-                     logs / "planning.log")
-        elif run.plans == DEFAULT_LKM_PLANS:
-            write_lkm_plans(dataset_id, [configuration], target_plans=run.plans)
-        else:
+        if run.plans not in RESENC_PLANNERS and run.plans != DEFAULT_LKM_PLANS:
             raise CompareError(f"run {run.name}: {path} does not exist; write it first (`lkm-unet plans "
                                f"--target-plans {run.plans}` or nnUNetv2_plan_experiment)")
+        if not (folder / "dataset_fingerprint.json").is_file():
+            _command(["nnUNetv2_extract_fingerprint", "-d", dataset_id, "-np", processes,
+                      "--verify_dataset_integrity"], logs / "planning.log", planning=True)
+        if run.plans in RESENC_PLANNERS:
+            _command(["nnUNetv2_plan_experiment", "-d", dataset_id, "-pl", RESENC_PLANNERS[run.plans]],
+                     logs / "planning.log", planning=True)
+        else:
+            if not (folder / "nnUNetPlans.json").is_file():
+                _command(["nnUNetv2_plan_experiment", "-d", dataset_id], logs / "planning.log", planning=True)
+            write_lkm_plans(dataset_id, [configuration], target_plans=run.plans)
     plans = json.loads(path.read_text())
     if configuration not in plans["configurations"]:
         raise CompareError(f"run {run.name}: {path} has no configuration {configuration!r}")
     identifier = plans["configurations"][configuration].get("data_identifier", f"{run.plans}_{configuration}")
     if not (folder / identifier).is_dir():
         _command(["nnUNetv2_preprocess", "-d", dataset_id, "-plans_name", run.plans, "-c", configuration,
-                  "-np", os.environ.get("nnUNet_def_n_proc", "2")], logs / "planning.log")
+                  "-np", processes], logs / "planning.log", planning=True)
 
 
 def run_folder(dataset_name: str, run: Run, configuration: str, fold: str) -> Path:
@@ -155,8 +168,14 @@ def network_cost(dataset_name: str, run: Run, configuration: str) -> dict[str, O
 def compare(dataset: str, configuration: str, output_dir: Path, runs: Sequence[Run] = DEFAULT_RUNS,
             fold: str = "0", collect_only: bool = False, test_images: Optional[Path] = None,
             test_labels: Optional[Path] = None, device: Optional[str] = None, tta: bool = True,
-            force: bool = False) -> list[dict]:
+            force: bool = False, schedule: Optional[str] = None, batch_size: Optional[int] = None,
+            allow_different_budgets: bool = False) -> list[dict]:
     """Train or collect ``runs`` on one fold, predict and evaluate the test set, write the tables.
+
+    ``schedule`` trains trainer ``T`` of each run as nnU-Net's variant ``T_<schedule>`` and ``batch_size``
+    each run's plans as ``<plans>_bs<batch_size>`` (:mod:`nnunetv2_plugin.analysis.budget`). Every run
+    must have trained the same epochs and iterations per epoch (read from its ``debug.json``) unless
+    ``allow_different_budgets``.
 
     Writes into ``output_dir``: ``table.md``, ``table.csv``, ``per_case.csv``, ``boxplots.png``, and
     ``predictions/<run>/``, ``evaluation/<run>/``, ``logs/``. Test images default to the dataset's
@@ -173,6 +192,7 @@ def compare(dataset: str, configuration: str, output_dir: Path, runs: Sequence[R
         raise CompareError(f"give one or more distinct runs, got {[r.name for r in runs]}")
     if (output_dir / "table.md").exists() and not force:
         raise CompareError(f"{output_dir / 'table.md'} already exists; pass --force to replace the comparison")
+    runs = with_budget(list(runs), schedule)
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError as error:
@@ -190,12 +210,24 @@ def compare(dataset: str, configuration: str, output_dir: Path, runs: Sequence[R
         raise CompareError(f"{labels} holds no {ending} label files")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     logs = output_dir / "logs"
-    per_case, summaries, info = {}, {}, {}
-    for run in runs:
+    per_case, summaries, info, budgets = {}, {}, {}, {}
+    preprocessed = _env_folder("nnUNet_preprocessed") / dataset_name
+    planned = []
+    for run in runs:  # plan everything first: a missing plan fails before hours of training
         if not collect_only:
             ensure_plans(dataset_id, dataset_name, run, configuration, logs)
+        if batch_size is not None:
+            plans = (batch_size_plans(preprocessed, run.plans, configuration, batch_size) if not collect_only
+                     else f"{run.plans}_bs{batch_size}")
+            run = replace(run, plans=plans)
+        planned.append(run)
+    runs = planned
+    for run in runs:
         folder = run_folder(dataset_name, run, configuration, fold)
         train(dataset_id, run, configuration, fold, folder, device, logs, collect_only)
+        budgets[run.name] = trained_budget(folder)
+        if not allow_different_budgets:
+            check_same_budget(budgets)
         predictions = output_dir / "predictions" / run.name
         if force and predictions.exists():
             shutil.rmtree(predictions)
@@ -205,7 +237,9 @@ def compare(dataset: str, configuration: str, output_dir: Path, runs: Sequence[R
             shutil.rmtree(evaluation)  # this command's own output, rewritten from the predictions
         per_case[run.name], summaries[run.name] = evaluate_folders(predictions, labels, dataset_json, evaluation)
         info[run.name] = {"trainer": run.trainer, "plans": run.plans, **network_cost(dataset_name, run, configuration),
-                          **training_cost(folder)}
+                          **training_cost(folder), "epochs": budgets[run.name]["num_epochs"],
+                          "iterations": budgets[run.name]["num_iterations_per_epoch"],
+                          "batch_size": budgets[run.name]["batch_size"]}
     rows = comparison_rows(per_case, summaries, info)
     organs = [s["organ"] for s in summaries[runs[0].name] if s["organ"] != "mean"]
     header = (f"# {dataset_name}, {configuration}, fold {fold}: {len(expected)} test cases from {labels}")

@@ -43,7 +43,8 @@ def case_values(per_case: Sequence[dict], organ: str, metric: str, cases: Sequen
 def comparison_rows(per_case: dict[str, list[dict]], summaries: dict[str, list[dict]],
                     run_info: dict[str, dict]) -> list[dict]:
     """One row per (run, organ) incl. ``mean``: means, stds, n and p-values against the first run,
-    and the run's cost columns (``run_info``: params, gflops, epoch_s, peak_gpu_mib)."""
+    and the run's cost columns (``run_info``: params, gflops, epoch_s, peak_gpu_mib; optionally epochs,
+    iterations and batch_size)."""
     names = list(per_case)
     first = names[0]
     cases = sorted({r["case"] for r in per_case[first]})
@@ -73,18 +74,24 @@ def _fmt(value: Optional[float], digits: int) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _schedule(row: dict) -> str:
+    return f"{row['epochs']} x {row['iterations']}" if row.get("epochs") else "n/a"
+
+
 def write_tables(rows: list[dict], output: Path, header: str) -> None:
     """``table.md`` (runs, then per organ) and ``table.csv`` (every row, full precision)."""
     first = rows[0]["run"]
     runs = [r for r in rows if r["organ"] == "mean"]
     lines = [header, "", "## Runs (mean over organs)", "",
              "| run | DSC mean ± std | p (DSC) | NSD mean ± std | p (NSD) | parameters (M) | GFLOPs / patch "
-             "| s / epoch | peak GPU memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| epochs x iterations | batch | s / epoch | peak GPU memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         reference = r["run"] == first
         lines.append(f"| {r['run']} | {r['DSC_mean']:.4f} ± {r['DSC_std']:.4f} | {_fmt_p(r['DSC_p'], reference)} "
                      f"| {r['NSD_mean']:.4f} ± {r['NSD_std']:.4f} | {_fmt_p(r['NSD_p'], reference)} "
                      f"| {_fmt(r['params'] / 1e6 if r['params'] is not None else None, 3)} | {_fmt(r['gflops'], 2)} "
+                     f"| {_schedule(r)} | {r.get('batch_size') or 'n/a'} "
                      f"| {_fmt(r['epoch_s'], 1)} | {_fmt(r['peak_gpu_mib'], 0)} |")
     lines += ["", "## Per organ", "", "| organ | run | n | DSC mean ± std | p (DSC) | NSD mean ± std | p (NSD) |",
               "|---|---|---|---|---|---|---|"]
@@ -96,13 +103,14 @@ def write_tables(rows: list[dict], output: Path, header: str) -> None:
     lines += ["", f"p: paired two-sided Wilcoxon signed-rank test over the test cases against {first} "
               "(scipy.stats.wilcoxon defaults: zero differences dropped; exact for n <= 50 without ties or "
               "zeros, normal approximation otherwise; n/a when every difference is zero). The mean row tests "
-              "each case's mean over organs. s / epoch: mean of nnU-Net's 'Epoch time' log lines. GFLOPs: "
+              "each case's mean over organs. Epochs x iterations (per epoch) and batch: what each run trained, "
+              "from its debug.json. s / epoch: mean of nnU-Net's 'Epoch time' log lines. GFLOPs: "
               "`lkm-unet profile` (one forward pass of one patch). Peak GPU memory: logged by the LKM-UNet "
               "trainers on CUDA; n/a for other trainers and CPU runs.", ""]
     (output / "table.md").write_text("\n".join(lines))
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for r in rows for key in r))  # runs collected without a budget lack some
     with (output / "table.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()})

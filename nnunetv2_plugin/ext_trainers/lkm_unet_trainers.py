@@ -12,7 +12,6 @@ from nnunetv2_plugin.lkm_unet_trainer import (  # noqa: F401
     LKMUNetTrainer_100epochs,
     LKMUNetTrainer_250epochs,
     LKMUNetTrainer_demo,
-    LKMUNetTrainer_demo_noMamba,
     LKMUNetTrainer_noBiM,
     LKMUNetTrainer_noMamba,
     LKMUNetTrainer_noPaM,
