@@ -304,7 +304,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "From `scripts/benchmark_step.py` (its docstring describes the networks): forward, deep-supervised "
         "cross-entropy, backward and an SGD step in fp32; the median of the timed steps after one warm-up "
         "step (first step s: the warm-up, with the JIT cost where the cache is cold). The backbone is "
-        "`ResidualEncoderUNet` with the same stages, blocks and decoder, without PiM and PaM.", "",
+        "`ResidualEncoderUNet` with the same stages, blocks and decoder, without PiM and PaM. LKM-UNet has its "
+        "default memory options: `ssm_checkpointing=\"auto\"` does not recompute on the CPU (README, Memory).", "",
         benchmark_step.step_table(steps) if steps else "(skipped)", "",
     ])
     print()

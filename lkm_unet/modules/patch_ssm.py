@@ -28,7 +28,7 @@ class PatchSSM(SpatialSSM):
         return self.per_axis_size()
 
     def mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
-        if self.recomputing():
+        if self.recomputing(x):
             mixed = self.recompute(self._pool_and_mix, x, sizes, mask)
         else:
             mixed = self._pool_and_mix(x, sizes, mask)

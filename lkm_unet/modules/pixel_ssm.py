@@ -37,7 +37,7 @@ class PixelSSM(SpatialSSM):
     def mix(self, x: Tensor, sizes: tuple[int, ...], mask: Optional[Tensor]) -> Tensor:
         # (n_sequences, length) for one sample; the same for every sample
         token_mask = None if mask is None else partition(mask, sizes, self.grouping)[..., 0]
-        if not self.recomputing():
+        if not self.recomputing(x):
             tokens = partition(x, sizes, self.grouping)              # (B * n_seq, length, C)
             batch_mask = None if token_mask is None else token_mask.repeat(x.shape[0], 1)
             return reassemble(self.mixer(tokens, batch_mask), sizes, self.grouping, x.shape)

@@ -12,6 +12,12 @@ from lkm_unet.modules.bimamba import BiMamba
 from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
 
 
+
+
+def valid_checkpointing(mode: Any) -> bool:
+    """Whether ``mode`` is a checkpointing mode: True (always), False (never) or "auto" (on accelerators)."""
+    return isinstance(mode, bool) or mode == "auto"
+
 class SpatialSSM(nn.Module):
     """Base of :class:`PixelSSM` and :class:`PatchSSM`: ``(B, C, *spatial) -> (B, C, *spatial)``.
 
@@ -24,6 +30,9 @@ class SpatialSSM(nn.Module):
     - ``checkpointing``: keep only the block's input for the backward pass and recompute the BiMamba
       activations there (``torch.utils.checkpoint``, non-reentrant), in runs of sequences of at most
       ``checkpoint_elements`` input elements, so the recomputation's working memory stays bounded.
+      ``"auto"`` does so for inputs on an accelerator (a GPU's memory is what limits training) and not
+      on the CPU, where the recomputation made a training step about 1.5x slower for memory a
+      workstation has (docs/benchmarks.md).
     - ``autocast``: under autocast, projections, conv and gate run (and are stored) in the autocast
       dtype; the scan state, ``A``, ``D`` and the dt bias stay fp32 (see :class:`BiMamba`).
     """
@@ -33,7 +42,7 @@ class SpatialSSM(nn.Module):
     def __init__(self, dim: int, size: int | Sequence[int], shape_policy: str = "pad", d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, spatial_dims: Optional[int] = None,
                  where: Optional[str] = None, input_stride: Optional[Sequence[int]] = None,
-                 bidirectional: bool = True, checkpointing: bool = False, checkpoint_elements: int = 2 ** 24,
+                 bidirectional: bool = True, checkpointing: bool | str = False, checkpoint_elements: int = 2 ** 24,
                  autocast: bool = False) -> None:
         super().__init__()
         if spatial_dims is None and not isinstance(size, int):
@@ -49,7 +58,9 @@ class SpatialSSM(nn.Module):
         self.input_stride = None if input_stride is None else tuple(input_stride)
         if isinstance(checkpoint_elements, bool) or not isinstance(checkpoint_elements, int) or checkpoint_elements < 1:
             raise ValueError(f"{self.where}: checkpoint_elements={checkpoint_elements!r}; give a positive int")
-        self.checkpointing = bool(checkpointing)
+        if not valid_checkpointing(checkpointing):
+            raise ValueError(f"{self.where}: checkpointing={checkpointing!r}; give true, false or \"auto\"")
+        self.checkpointing = checkpointing
         self.checkpoint_elements = checkpoint_elements
         self.mixer = BiMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
                              autocast=autocast)
@@ -81,9 +92,11 @@ class SpatialSSM(nn.Module):
         crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
         return x + out[crop]
 
-    def recomputing(self) -> bool:
-        """Whether this forward pass keeps only inputs and recomputes activations in backward."""
-        return self.checkpointing and torch.is_grad_enabled()
+    def recomputing(self, x: Tensor) -> bool:
+        """Whether this forward pass (of input ``x``) keeps only inputs and recomputes activations in
+        backward."""
+        on = self.checkpointing is True or (self.checkpointing == "auto" and x.device.type != "cpu")
+        return on and torch.is_grad_enabled()
 
     @staticmethod
     def recompute(fn: Callable[..., Tensor], *args: Any) -> Tensor:

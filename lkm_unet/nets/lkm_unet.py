@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lkm_unet.modules.partition import GROUPINGS
 from lkm_unet.modules.patch_ssm import PatchSSM
+from lkm_unet.modules.spatial_ssm import valid_checkpointing
 from lkm_unet.modules.pixel_ssm import PixelSSM
 from lkm_unet.modules.shape_policy import check_policy, divisibility_errors, padding_for, per_axis
 from lkm_unet.nets.lkm_encoder import LKMDecoder, LKMEncoder, LKMStage
@@ -20,7 +21,7 @@ from lkm_unet.presets import load_config, preset_kwargs, stage_feature_sizes
 ClassOrName = Union[Type[nn.Module], str, None]
 
 #: What PiM/PaM store for backward (README "Memory"; measured in docs/benchmarks.md).
-DEFAULT_MEMORY_OPTIONS = {"ssm_checkpointing": True, "ssm_autocast": False, "ssm_checkpoint_elements": 2 ** 24}
+DEFAULT_MEMORY_OPTIONS = {"ssm_checkpointing": "auto", "ssm_autocast": False, "ssm_checkpoint_elements": 2 ** 24}
 
 
 def _resolve(value: ClassOrName, name: str) -> Optional[Type[nn.Module]]:
@@ -56,7 +57,8 @@ class LKMUNet(nn.Module):
       pool sizes of a block that is off are neither needed nor checked.
     - Memory options (README "Memory"; none changes the function the network computes):
       ``ssm_checkpointing`` stores only each PiM/PaM block's input and recomputes its BiMamba in
-      backward, ``ssm_checkpoint_elements`` input elements at a time; ``ssm_autocast`` lets the
+      backward, ``ssm_checkpoint_elements`` input elements at a time (``"auto"``, the default: on
+      accelerators, not on the CPU; memory estimates assume it on); ``ssm_autocast`` lets the
       projections, conv and gate run and be stored in the autocast dtype (the scan, A, D and the dt
       bias stay fp32).
 
@@ -95,7 +97,7 @@ class LKMUNet(nn.Module):
         use_pim: bool = True,
         use_pam: bool = True,
         bidirectional: bool = True,
-        ssm_checkpointing: bool = DEFAULT_MEMORY_OPTIONS["ssm_checkpointing"],
+        ssm_checkpointing: bool | str = DEFAULT_MEMORY_OPTIONS["ssm_checkpointing"],
         ssm_autocast: bool = DEFAULT_MEMORY_OPTIONS["ssm_autocast"],
         ssm_checkpoint_elements: int = DEFAULT_MEMORY_OPTIONS["ssm_checkpoint_elements"],
     ) -> None:
@@ -114,9 +116,10 @@ class LKMUNet(nn.Module):
         self.pim_grouping, self.shape_policy = pim_grouping, shape_policy
         self.use_pim, self.use_pam, self.bidirectional = use_pim, use_pam, bidirectional
 
-        for name, flag in (("ssm_checkpointing", ssm_checkpointing), ("ssm_autocast", ssm_autocast)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name}={flag!r}; give true or false")
+        if not valid_checkpointing(ssm_checkpointing):
+            raise ValueError(f"ssm_checkpointing={ssm_checkpointing!r}; give true, false or \"auto\"")
+        if not isinstance(ssm_autocast, bool):
+            raise ValueError(f"ssm_autocast={ssm_autocast!r}; give true or false")
         ssm = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "shape_policy": shape_policy,
                "bidirectional": bidirectional, "checkpointing": ssm_checkpointing,
                "checkpoint_elements": ssm_checkpoint_elements, "autocast": ssm_autocast}

@@ -1,8 +1,9 @@
-"""Fused CPU selective scan (numba): forward and backward kernels parallel over the ``(b, d)`` rows.
+"""Fused CPU selective scan (numba): forward and backward kernels parallel over (batch row, channel block).
 
 The scan backend functions of the dispatcher's contract (``states_shape``, ``scan_fwd``, ``scan_bwd``)
-with the semantics of :func:`lkm_unet.ops.selective_scan_ref.selective_scan_ref`. Each ``(b, d)`` row runs
-the recurrence in one pass with its state in a local array (no Python per step); the forward keeps the
+with the semantics of :func:`lkm_unet.ops.selective_scan_ref.selective_scan_ref`. Each job runs the
+recurrence of one batch row and :data:`~lkm_unet.ops.selective_scan_numba_kernels.LANES` channels in one
+pass, with their states in a local array (no Python per step); the forward keeps the
 state entering every chunk of :data:`CHUNK` steps and the backward recomputes one chunk at a time, so
 memory stays ``O(b d l)``. The kernels are in :mod:`lkm_unet.ops.selective_scan_numba_kernels`;
 this module prepares their inputs in torch (softplus, layouts) and reduces their partial sums. numba is
@@ -23,14 +24,15 @@ from torch import Tensor
 
 from lkm_unet.ops import selective_scan_numba_kernels as kernels
 
-# Steps per chunk between saved states: the backward's recompute buffers, (CHUNK + 1) x n and CHUNK x n,
-# stay in L1 for n = 16 (8 KiB in fp32), and the saved states are 1/CHUNK of the (b, d, l, n) history.
-CHUNK = 64
+# Steps per chunk between saved states: the backward's recompute buffers, (CHUNK + 1) x n x LANES and
+# CHUNK x n x LANES, stay in L2 for n = 16 (2 x 64 KiB in fp32), and the saved states are 1/CHUNK of the
+# (b, d, l, n) history.
+CHUNK = 32
 
 
 def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:
-    """Shape of the chunk-start states :func:`scan_fwd` returns: ``(b, d, ceil(l / CHUNK), n)``."""
-    return (batch, dim, -(-seqlen // CHUNK), dstate)  # integer ceil: sizes may be symbolic
+    """Shape of the chunk-start states :func:`scan_fwd` returns: ``(b, ceil(l / CHUNK), n, d)``."""
+    return (batch, -(-seqlen // CHUNK), dstate, dim)  # integer ceil: sizes may be symbolic
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -43,7 +45,7 @@ def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool) -> dict[str, Tensor]:
-    """The kernels' inputs in the compute dtype, contiguous: ``dt, u, z, raw: (b, d, l)``, ``A: (d, n)``,
+    """The kernels' inputs in the compute dtype, contiguous: ``dt, u, z, raw: (b, d, l)``, ``At: (n, d)``,
     ``Bt, Ct: (b, l, n)``, ``D: (d,)`` and the typed constants. ``raw`` is delta + delta_bias before the
     softplus (kept for its derivative); absent ``z`` / ``raw`` are empty ``(b, d, 0)`` arrays, absent
     ``D`` zeros."""
@@ -57,7 +59,7 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     return {
         "dt": (F.softplus(raw) if softplus else raw).contiguous(), "u": _dense(u, dtype),
         "z": empty if z is None else _dense(z, dtype), "raw": raw.contiguous() if softplus else empty,
-        "A": _dense(A, dtype), "Bt": _dense(B.transpose(1, 2), dtype), "Ct": _dense(C.transpose(1, 2), dtype),
+        "At": _dense(A.t(), dtype), "Bt": _dense(B.transpose(1, 2), dtype), "Ct": _dense(C.transpose(1, 2), dtype),
         "D": torch.zeros(dim, dtype=dtype) if D is None else _dense(D, dtype),
         "consts": torch.tensor([-lo, tiny, 0.0, 1.0], dtype=dtype),
     }
@@ -78,15 +80,15 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     batch, dim, length = u.shape
     out = torch.empty(batch, dim, length, dtype=op["u"].dtype)
     states = torch.empty(states_shape(batch, dim, length, A.shape[1]), dtype=op["u"].dtype)
-    kernels.scan_fwd_kernel(*_np(op["dt"], op["u"], op["z"], op["A"], op["Bt"], op["Ct"], op["D"],
+    kernels.scan_fwd_kernel(*_np(op["dt"], op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"],
                                    op["consts"], out, states), CHUNK)
     return out.to(u.dtype), states
 
 
-def channel_groups(batch: int, dim: int) -> int:
-    """Parallel jobs of the backward are (batch row, channel group) pairs: enough groups that a small
-    batch still feeds every thread (each group holds its own dB, dC partial sums, ``(b, l, n)`` each)."""
-    return max(1, min(dim, math.ceil(2 * numba.get_num_threads() / batch)))
+def channel_blocks(dim: int) -> int:
+    """Channel blocks per batch row: the parallel jobs are (batch row, block) pairs, each with its own
+    dB, dC partial sums of shape ``(b, l, n)``."""
+    return -(-dim // kernels.LANES)
 
 
 def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -97,20 +99,20 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     dtype = op["u"].dtype
     batch, dim, length = u.shape
     n = A.shape[1]
-    groups = channel_groups(batch, dim)
+    blocks = channel_blocks(dim)
     du, ddt = torch.empty(batch, dim, length, dtype=dtype), torch.empty(batch, dim, length, dtype=dtype)
     dz = torch.empty(batch, dim, length if z is not None else 0, dtype=dtype)
-    dA = torch.zeros(batch, dim, n, dtype=dtype)
+    dA = torch.empty(batch, n, dim, dtype=dtype)
     dD, ddelta_bias = torch.empty(batch, dim, dtype=dtype), torch.empty(batch, dim, dtype=dtype)
-    dB, dC = torch.zeros(groups, batch, length, n, dtype=dtype), torch.zeros(groups, batch, length, n, dtype=dtype)
+    dB, dC = torch.empty(blocks, batch, length, n, dtype=dtype), torch.empty(blocks, batch, length, n, dtype=dtype)
     kernels.scan_bwd_kernel(
-        *_np(op["dt"], op["u"], op["z"], op["raw"], op["A"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype),
+        *_np(op["dt"], op["u"], op["z"], op["raw"], op["At"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype),
              _dense(states, dtype), op["consts"]),
-        CHUNK, groups, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC))
+        CHUNK, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC))
 
     def reduced(partial: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
         return None if like is None else (partial[0] if len(partial) == 1 else partial.sum(0)).to(like.dtype)
 
-    return (du.to(u.dtype), ddt.to(delta.dtype), reduced(dA, A), reduced(dB, B).transpose(1, 2),
+    return (du.to(u.dtype), ddt.to(delta.dtype), reduced(dA, A).t(), reduced(dB, B).transpose(1, 2),
             reduced(dC, C).transpose(1, 2), reduced(dD, D), None if z is None else dz.to(z.dtype),
             reduced(ddelta_bias, delta_bias))

@@ -3,21 +3,24 @@
 Imported only by :mod:`lkm_unet.ops.selective_scan_numba` (numba is imported here, at module level, so
 ``import lkm_unet`` never imports it). Compiled on first use and cached on disk (``cache=True``).
 
-Layout: one batch row ``(b, d)`` is a sequence; its state ``h: (n,)`` lives in a small local array and
-the innermost loops run over the state axis ``n`` with unit stride, so that the exponentials and
-multiply-adds of one time step are SIMD lanes. ``B`` and ``C`` come in time-major per batch,
-``(b, l, n)``, for the same reason.
+Layout: one parallel job is a batch row and a block of :data:`LANES` channels. The block's state
+``h: (n, LANES)`` lives in a local array and every innermost loop runs over the channel lanes with unit
+stride and a constant trip count, so that one step's exponentials and multiply-adds are whole SIMD
+vectors with no reduction across lanes (``B`` and ``C`` are the same for every channel: one broadcast
+per state index). ``A`` comes in transposed, ``(n, d)``, the kept states as ``(b, chunks, n, d)``.
+Channels past ``d`` in the last block are padded lanes with ``dt = u = A = 0``: their state stays 0.
 
 Exponentials: a scalar libm ``exp`` per ``(b, d, l, n)`` element does not vectorise and costs as much as
 the rest of the kernel several times over, so fp32 uses :func:`exp_poly`, a Cody-Waite range reduction
-and a degree-6 polynomial (about 2 ulp on the range the scan uses) written with plain arithmetic and a
-bit cast, which LLVM vectorises over ``n``. fp64 uses ``math.exp`` (fp64 is for checks, not speed).
+and a degree-6 polynomial (about 2 ulp) written with plain arithmetic and a bit cast, which LLVM
+vectorises over the lanes. fp64 uses ``math.exp`` (fp64 is for checks, not speed).
 
-Denormals: decays ``a = exp(dt A)`` below ``exp(-lo)`` are set to exact zeros and states or adjoints whose
-magnitude falls below ``tiny`` are flushed to zero after every step (``lo, tiny`` per dtype in
-:data:`FLUSH`), so that ``a * h`` stays a normal number or an exact zero and no multiply ever takes the
-slow denormal path, without changing the process's floating-point mode. Both cut-offs are far below
-what the dtype resolves next to values of order one (fp32: decays under 1e-13, states under 1e-24).
+Denormals: the decay ``a = exp(dt A)`` is taken of ``max(dt A, -lo)``, so it never falls below
+``exp(-lo)``, and states or adjoints whose magnitude falls below ``tiny`` are flushed to zero after
+every step (``lo, tiny`` per dtype in :data:`FLUSH`): ``a * h`` stays a normal number or an exact zero
+and no multiply takes the slow denormal path, without changing the process's floating-point mode. Both
+cut-offs are far below what the dtype resolves next to values of order one (fp32: a decay of at most
+exp(-30) = 9e-14 where the exact one is smaller, states under 1e-24 set to 0).
 """
 from __future__ import annotations
 
@@ -28,7 +31,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-# dtype -> (lo, tiny): a = 0 where dt * A < -lo; |h|, |g| < tiny -> 0. exp(-lo) * tiny stays a normal
+# Channels per job and SIMD loop: 32 fp32 lanes are four AVX2 (two AVX-512) vectors per state index.
+# Measured forward ns per b d l n element, 2 threads, against 16 and 64 lanes: 32 is within 20% of the
+# best at every shape of docs/benchmarks.md, while 64 leaves a core idle at (1, 64, l).
+LANES = 32
+# dtype -> (lo, tiny): decays are exp(max(dt A, -lo)); |h|, |g| < tiny -> 0. exp(-lo) * tiny stays a normal
 # number (fp32: 9.4e-14 * 1e-24 > 1.2e-38; fp64: 5.1e-131 * 1e-150 > 2.2e-308).
 FLUSH = {np.dtype(np.float32): (30.0, 1e-24), np.dtype(np.float64): (300.0, 1e-150)}
 # Cephes' expf minimax coefficients for exp(r) = 1 + r + r^2 p(r) on |r| <= ln(2) / 2
@@ -63,154 +70,237 @@ def exp_poly(x):
     return e * _int32_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # e * 2^k
 
 
-def decay(x):
+def exp_any(x):
     """exp(x) in the scan's dtype; replaced per dtype below (numba overload)."""
 
 
-@overload(decay, inline="always", fastmath=True)
-def _decay_impl(x):
+@overload(exp_any, inline="always", fastmath=True)
+def _exp_any_impl(x):
     if x == types.float32:
         return lambda x: exp_poly(x)
     return lambda x: math.exp(x)
 
 
 @njit(inline="always", fastmath=True)
+def decay(x, neg_lo):
+    """exp(max(x, neg_lo)): the decay of one step, never below exp(-lo)."""
+    return exp_any(max(x, neg_lo))
+
+
+@njit(inline="always", fastmath=True)
 def sigmoid(x, one):
-    return one / (one + decay(-x))
+    return one / (one + exp_any(-x))
+
+
+@njit(inline="always")
+def _block(job, n_blocks, dim):
+    """(batch row, first channel, channels) of parallel job ``job``."""
+    bi, blk = job // n_blocks, job % n_blocks
+    d0 = blk * LANES
+    return bi, d0, min(LANES, dim - d0)
+
+
+@njit(inline="always")
+def _tile(chunk, dtype):
+    """A zeroed time-major ``(chunk, LANES)`` tile."""
+    return np.zeros((chunk, LANES), dtype=dtype)
+
+
+@njit(inline="always")
+def _gather(src, bi, d0, width, t0, steps, tile):
+    """``tile[j, w] = src[bi, d0 + w, t0 + j]``: a chunk of ``width`` channel rows into a time-major tile
+    (each row read contiguously; lanes past ``width`` keep their zeros)."""
+    for w in range(width):
+        for j in range(steps):
+            tile[j, w] = src[bi, d0 + w, t0 + j]
+
+
+@njit(inline="always")
+def _scatter(tile, bi, d0, width, t0, steps, dst):
+    """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``."""
+    for w in range(width):
+        for j in range(steps):
+            dst[bi, d0 + w, t0 + j] = tile[j, w]
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def scan_fwd_kernel(dt, u, z, A, Bt, Ct, D, consts, out, states, chunk):
-    """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, d, c] = h`` entering chunk ``c``.
+def scan_fwd_kernel(dt, u, z, At, Bt, Ct, D, consts, out, states, chunk):
+    """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c, :, d] = h`` entering chunk ``c``.
 
-    ``dt, u, z, out: (b, d, l)`` (``z`` with a last axis of size 0 when there is no gate), ``A: (d, n)``,
-    ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, d, ceil(l / chunk), n)`` (size 0 on the last axis to
-    keep none), ``consts = (-lo, tiny, 0, 1)`` (typed constants: a
-    Python literal would promote fp32 arithmetic to fp64).
+    ``dt, u, z, out: (b, d, l)`` (``z`` with a last axis of size 0 when there is no gate), ``At: (n, d)``,
+    ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, ceil(l / chunk), n, d)`` (size 0 on the chunk axis to
+    keep none), ``consts = (-lo, tiny, 0, 1)`` (typed constants: a Python literal would promote fp32
+    arithmetic to fp64). Per chunk, the inputs are gathered into time-major ``(chunk, LANES)`` tiles, the
+    steps run on the tiles, and the output tile is scattered back.
     """
     batch, dim, length = u.shape
-    n = A.shape[1]
-    keep = states.shape[3] > 0
+    n = At.shape[0]
+    n_blocks = (dim + LANES - 1) // LANES
+    keep = states.shape[1] > 0
     gated = z.shape[2] > 0
     neg_lo, tiny, zero, one = consts[0], consts[1], consts[2], consts[3]
-    for row in prange(batch * dim):
-        bi, di = row // dim, row % dim
-        h = np.zeros(n, dtype=u.dtype)
+    for job in prange(batch * n_blocks):
+        bi, d0, width = _block(job, n_blocks, dim)
+        h = np.zeros((n, LANES), dtype=u.dtype)
+        a_blk = np.zeros((n, LANES), dtype=u.dtype)
+        a_blk[:, :width] = At[:, d0:d0 + width]
+        d_blk = np.zeros(LANES, dtype=u.dtype)
+        d_blk[:width] = D[d0:d0 + width]
+        dt_t, u_t, z_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
+        dtv, dtu, acc = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
         for t0 in range(0, length, chunk):
+            steps = min(length - t0, chunk)
             if keep:
-                states[bi, di, t0 // chunk, :] = h
-            for t in range(t0, min(length, t0 + chunk)):
-                dtv = dt[bi, di, t]
-                dtu = dtv * u[bi, di, t]
-                acc = zero
+                states[bi, t0 // chunk, :, d0:d0 + width] = h[:, :width]
+            _gather(dt, bi, d0, width, t0, steps, dt_t)
+            _gather(u, bi, d0, width, t0, steps, u_t)
+            for j in range(steps):
+                t = t0 + j
+                for w in range(LANES):
+                    dtv[w] = dt_t[j, w]
+                    dtu[w] = dt_t[j, w] * u_t[j, w]
+                    acc[w] = d_blk[w] * u_t[j, w]
                 for k in range(n):
-                    x = dtv * A[di, k]
-                    a = decay(x) if x >= neg_lo else zero
-                    hk = a * h[k] + dtu * Bt[bi, t, k]
-                    hk = hk if abs(hk) >= tiny else zero
-                    h[k] = hk
-                    acc += hk * Ct[bi, t, k]
-                out[bi, di, t] = acc + D[di] * u[bi, di, t]
-        if gated:  # a separate pass over t, so that the gate's exponentials vectorise too
-            for t in range(length):
-                out[bi, di, t] *= z[bi, di, t] * sigmoid(z[bi, di, t], one)
+                    bk = Bt[bi, t, k]
+                    ck = Ct[bi, t, k]
+                    for w in range(LANES):
+                        hk = decay(dtv[w] * a_blk[k, w], neg_lo) * h[k, w] + dtu[w] * bk
+                        hk = hk if abs(hk) >= tiny else zero
+                        h[k, w] = hk
+                        acc[w] += hk * ck
+                y_t[j, :] = acc
+            if gated:
+                _gather(z, bi, d0, width, t0, steps, z_t)
+                for j in range(steps):
+                    for w in range(LANES):
+                        y_t[j, w] *= z_t[j, w] * sigmoid(z_t[j, w], one)
+            _scatter(y_t, bi, d0, width, t0, steps, out)
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def scan_bwd_kernel(dt, u, z, raw, A, Bt, Ct, D, dout, states, consts, chunk, groups,
+def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
                     du, ddt, dz, dA, dD, ddelta_bias, dB, dC):
     """Adjoint of :func:`scan_fwd_kernel`, recomputing each chunk's states from ``states``.
 
     Inputs as the forward, plus ``raw: (b, d, l)`` = delta + delta_bias before the softplus (last axis of
     size 0 without softplus) and ``dout: (b, d, l)``. Writes ``du, ddt, dz: (b, d, l)`` (``ddt`` w.r.t. the
-    raw delta), per-row partial sums ``dA: (b, d, n)``, ``dD, ddelta_bias: (b, d)``, and
-    ``dB, dC: (groups, b, l, n)``: channel group ``g`` adds into slice ``g`` only, so the (batch row,
-    channel group) jobs run in parallel without races. With ``dy = dout silu(z)``,
-    ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and ``x_t = g_t a_t h_{t-1}``:
-    ``du = dt sum_n g B + D dy``, ``ddt = u sum_n g B + sum_n x A``, ``dB_t = sum_d g dt u``,
-    ``dC_t = sum_d h dy``, ``dA = sum_t x dt``.
+    raw delta), per-batch-row partial sums ``dA: (b, n, d)``, ``dD, ddelta_bias: (b, d)``, and per-block
+    sums ``dB, dC: (blocks, b, l, n)``: job (row, block) writes its own slice only, so the jobs run in
+    parallel without races. With ``dy = dout silu(z)``, ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and
+    ``x_t = g_t a_t h_{t-1}``: ``du = dt sum_n g B + D dy``, ``ddt = u sum_n g B + sum_n x A``,
+    ``dB_t = sum_d g dt u``, ``dC_t = sum_d h dy``, ``dA = sum_t x dt``. Tiles as in the forward.
     """
     batch, dim, length = u.shape
-    n = A.shape[1]
-    n_chunks = states.shape[2]
+    n = At.shape[0]
+    n_chunks = states.shape[1]
+    n_blocks = (dim + LANES - 1) // LANES
     gated = z.shape[2] > 0
     softplus = raw.shape[2] > 0
     neg_lo, tiny, zero, one = consts[0], consts[1], consts[2], consts[3]
-    per_group = (dim + groups - 1) // groups
-    for job in prange(batch * groups):
-        bi, grp = job // groups, job % groups
-        hist = np.empty((chunk + 1, n), dtype=u.dtype)  # h entering the chunk, then h_t per step
-        decays = np.empty((chunk, n), dtype=u.dtype)
-        ga = np.empty(n, dtype=u.dtype)  # a_{t+1} g_{t+1}, carried backwards across chunks
-        g = np.empty(n, dtype=u.dtype)  # g_t
-        dy = np.empty(chunk, dtype=u.dtype)  # per step of the chunk: dout silu(z), sigmoid(z), pre-gate y,
-        zsig = np.empty(chunk, dtype=u.dtype)  # sum_n g B and sum_n x A
-        y = np.empty(chunk, dtype=u.dtype)
-        s_b = np.empty(chunk, dtype=u.dtype)
-        s_a = np.empty(chunk, dtype=u.dtype)
-        for di in range(grp * per_group, min(dim, (grp + 1) * per_group)):
-            ga[:] = zero
-            dA_row = dA[bi, di]
-            dD_acc = zero
-            dbias_acc = zero
-            for c in range(n_chunks - 1, -1, -1):
-                t0 = c * chunk
-                steps = min(length, t0 + chunk) - t0
-                for j in range(steps):
+    for job in prange(batch * n_blocks):
+        bi, d0, width = _block(job, n_blocks, dim)
+        blk = job % n_blocks
+        hist = np.zeros((chunk + 1, n, LANES), dtype=u.dtype)  # h entering the chunk, then h_t per step
+        decays = np.zeros((chunk, n, LANES), dtype=u.dtype)
+        a_blk = np.zeros((n, LANES), dtype=u.dtype)
+        a_blk[:, :width] = At[:, d0:d0 + width]
+        d_blk = np.zeros(LANES, dtype=u.dtype)
+        d_blk[:width] = D[d0:d0 + width]
+        ga = np.zeros((n, LANES), dtype=u.dtype)  # a_{t+1} g_{t+1}, carried backwards across chunks
+        da = np.zeros((n, LANES), dtype=u.dtype)
+        dd_acc = np.zeros(LANES, dtype=u.dtype)
+        dbias_acc = np.zeros(LANES, dtype=u.dtype)
+        # one step's lanes: dt, dt u, dout silu(z), and two sums over the state index
+        dtv, dtu, dyv = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
+        acc, acc2 = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
+        # (chunk, LANES) tiles: inputs, then dt u, dout silu(z) and sigmoid(z), the pre-gate y, sum_n g B,
+        # sum_n x A, and the output gradients
+        dt_t, u_t, z_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
+        raw_t, dout_t, dtu_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
+        dy_t, zs_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
+        sb_t, sa_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype)
+        for c in range(n_chunks - 1, -1, -1):
+            t0 = c * chunk
+            steps = min(length, t0 + chunk) - t0
+            _gather(dt, bi, d0, width, t0, steps, dt_t)
+            _gather(u, bi, d0, width, t0, steps, u_t)
+            _gather(dout, bi, d0, width, t0, steps, dout_t)
+            if gated:
+                _gather(z, bi, d0, width, t0, steps, z_t)
+            if softplus:
+                _gather(raw, bi, d0, width, t0, steps, raw_t)
+            for j in range(steps):
+                for w in range(LANES):
+                    dtu_t[j, w] = dt_t[j, w] * u_t[j, w]
                     if gated:
-                        zs = sigmoid(z[bi, di, t0 + j], one)
-                        zsig[j] = zs
-                        dy[j] = dout[bi, di, t0 + j] * z[bi, di, t0 + j] * zs
+                        zs_t[j, w] = sigmoid(z_t[j, w], one)
+                        dy_t[j, w] = dout_t[j, w] * z_t[j, w] * zs_t[j, w]
                     else:
-                        dy[j] = dout[bi, di, t0 + j]
-                hist[0, :] = states[bi, di, c, :]
-                for j in range(steps):  # recompute the chunk's states and pre-gate output
-                    t = t0 + j
-                    dtv = dt[bi, di, t]
-                    dtu = dtv * u[bi, di, t]
-                    acc = zero
-                    for k in range(n):
-                        x = dtv * A[di, k]
-                        a = decay(x) if x >= neg_lo else zero
-                        decays[j, k] = a
-                        hk = a * hist[j, k] + dtu * Bt[bi, t, k]
+                        dy_t[j, w] = dout_t[j, w]
+            hist[0, :, :width] = states[bi, c, :, d0:d0 + width]
+            for j in range(steps):  # recompute the chunk's decays, states and pre-gate output
+                t = t0 + j
+                for w in range(LANES):
+                    dtv[w] = dt_t[j, w]
+                    dtu[w] = dtu_t[j, w]
+                    acc[w] = zero
+                for k in range(n):
+                    bk = Bt[bi, t, k]
+                    ck = Ct[bi, t, k]
+                    for w in range(LANES):
+                        a = decay(dtv[w] * a_blk[k, w], neg_lo)
+                        decays[j, k, w] = a
+                        hk = a * hist[j, k, w] + dtu[w] * bk
                         hk = hk if abs(hk) >= tiny else zero
-                        hist[j + 1, k] = hk
-                        acc += hk * Ct[bi, t, k]
-                    y[j] = acc
-                for j in range(steps - 1, -1, -1):  # the adjoint, backwards
-                    t = t0 + j
-                    dtv = dt[bi, di, t]
-                    dyv = dy[j]
-                    dtu = dtv * u[bi, di, t]
-                    sb = zero
-                    sa = zero
-                    for k in range(n):
-                        gk = ga[k] + Ct[bi, t, k] * dyv
+                        hist[j + 1, k, w] = hk
+                        acc[w] += hk * ck
+                y_t[j, :] = acc
+            for j in range(steps - 1, -1, -1):  # the adjoint, backwards
+                t = t0 + j
+                for w in range(LANES):
+                    dtv[w] = dt_t[j, w]
+                    dtu[w] = dtu_t[j, w]
+                    dyv[w] = dy_t[j, w]
+                    acc[w] = zero
+                    acc2[w] = zero
+                for k in range(n):
+                    bk = Bt[bi, t, k]
+                    ck = Ct[bi, t, k]
+                    db = zero
+                    dc = zero
+                    for w in range(LANES):
+                        gk = ga[k, w] + ck * dyv[w]
                         gk = gk if abs(gk) >= tiny else zero
-                        dC[grp, bi, t, k] += hist[j + 1, k] * dyv
-                        dB[grp, bi, t, k] += gk * dtu
-                        sb += gk * Bt[bi, t, k]
-                        gak = gk * decays[j, k]
-                        xk = gak * hist[j, k]
-                        sa += xk * A[di, k]
-                        dA_row[k] += xk * dtv
-                        ga[k] = gak
-                    s_b[j] = sb
-                    s_a[j] = sa
-                for j in range(steps):  # elementwise epilogue over the chunk's steps (vectorises over t)
-                    t = t0 + j
-                    uv = u[bi, di, t]
-                    du[bi, di, t] = dt[bi, di, t] * s_b[j] + D[di] * dy[j]
-                    dD_acc += dy[j] * uv
-                    gdt = uv * s_b[j] + s_a[j]
+                        dc += hist[j + 1, k, w] * dyv[w]
+                        db += gk * dtu[w]
+                        acc[w] += gk * bk
+                        gak = gk * decays[j, k, w]
+                        xk = gak * hist[j, k, w]
+                        acc2[w] += xk * a_blk[k, w]
+                        da[k, w] += xk * dtv[w]
+                        ga[k, w] = gak
+                    dB[blk, bi, t, k] = db
+                    dC[blk, bi, t, k] = dc
+                sb_t[j, :] = acc
+                sa_t[j, :] = acc2
+            for j in range(steps):  # the elementwise epilogue; the tiles are reused for the results
+                for w in range(LANES):
+                    uv = u_t[j, w]
+                    dy_w = dy_t[j, w]
+                    dd_acc[w] += dy_w * uv
+                    gdt = uv * sb_t[j, w] + sa_t[j, w]
                     if softplus:
-                        gdt *= sigmoid(raw[bi, di, t], one)
-                    ddt[bi, di, t] = gdt
-                    dbias_acc += gdt
+                        gdt *= sigmoid(raw_t[j, w], one)
+                    dbias_acc[w] += gdt
                     if gated:
-                        zv = z[bi, di, t]
-                        zs = zsig[j]
-                        dz[bi, di, t] = dout[bi, di, t] * (y[j] + D[di] * uv) * zs * (one + zv * (one - zs))
-            dD[bi, di] = dD_acc
-            ddelta_bias[bi, di] = dbias_acc
+                        zs = zs_t[j, w]
+                        z_t[j, w] = dout_t[j, w] * (y_t[j, w] + d_blk[w] * uv) * zs * (one + z_t[j, w] * (one - zs))
+                    u_t[j, w] = dt_t[j, w] * sb_t[j, w] + d_blk[w] * dy_w
+                    dt_t[j, w] = gdt
+            _scatter(u_t, bi, d0, width, t0, steps, du)
+            _scatter(dt_t, bi, d0, width, t0, steps, ddt)
+            if gated:
+                _scatter(z_t, bi, d0, width, t0, steps, dz)
+        dA[bi, :, d0:d0 + width] = da[:, :width]
+        dD[bi, d0:d0 + width] = dd_acc[:width]
+        ddelta_bias[bi, d0:d0 + width] = dbias_acc[:width]

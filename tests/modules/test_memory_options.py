@@ -125,8 +125,21 @@ def test_checkpointing_saves_only_block_inputs():
     assert ssm(full) > 20 * maps
 
 
+def test_auto_checkpointing_recomputes_on_accelerators_only():
+    """The default "auto" stores like no checkpointing on the CPU (no recompute cost there), and recomputes
+    for tensors on any other device."""
+    x = torch.randn(1, 2, 8, 8, 8)
+    auto, _ = saved_bytes(_small_net(ssm_checkpointing="auto"), x)
+    full, _ = saved_bytes(_small_net(ssm_checkpointing=False), x)
+    assert auto.total == full.total
+    block = _small_net(ssm_checkpointing="auto").encoder.lkm_stages[0].pim
+    assert block.recomputing(torch.empty(1, device="meta")) and not block.recomputing(x)
+    with torch.no_grad():
+        assert not block.recomputing(torch.empty(1, device="meta"))
+
+
 def test_invalid_memory_options():
-    with pytest.raises(ValueError, match=r"ssm_checkpointing='yes'; give true or false"):
+    with pytest.raises(ValueError, match=r"ssm_checkpointing='yes'; give true, false or \"auto\""):
         _small_net(ssm_checkpointing="yes")
     with pytest.raises(ValueError, match=r"checkpoint_elements=0; give a positive int"):
         _small_net(ssm_checkpoint_elements=0)
