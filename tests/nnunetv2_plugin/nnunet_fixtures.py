@@ -1,10 +1,12 @@
 """A tiny real nnU-Net dataset (3D NIfTI through SimpleITK), planned and preprocessed once per session."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +81,34 @@ def nnunet_env(base: Path, ext_dir: Path) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], env: dict[str, str], check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True)
+def _checked(command: list[str], result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
+
+
+def run(command: list[str], env: dict[str, str], check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True)
+    return _checked(command, result, check)
+
+
+def run_together(commands: list[list[str]], env: dict[str, str], **extra_env: str) -> list[subprocess.CompletedProcess]:
+    """Independent commands started at once, each checked as :func:`run` does: on 2 cores their
+    single-threaded parts (start-up, nnU-Net's trainer lookup, data loading) overlap. Output goes to
+    files, not pipes, so that no command waits for the test to read another's output."""
+    with contextlib.ExitStack() as stack:
+        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
+                 for _ in commands]
+        processes = [subprocess.Popen(c, env={**env, **extra_env}, stdout=out, stderr=err, text=True)
+                     for c, (out, err) in zip(commands, files)]
+        results = []
+        for command, process, (out, err) in zip(commands, processes, files):
+            process.wait()
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(command, process.returncode, out.read(), err.read()))
+    return [_checked(c, r, True) for c, r in zip(commands, results)]
 
 
 _TAG_AS_CUDA = False

@@ -1,4 +1,7 @@
-"""The stock nnU-Net commands with LKMUNetTrainer on a real (tiny) dataset: plans, train, predict, evaluate."""
+"""The stock nnU-Net commands with LKMUNetTrainer on a real (tiny) dataset: plans, train, predict, evaluate.
+
+Training on nnU-Net's own 2d plans (sizes derived by the trainer) is covered by the runs of
+test_training_runs.py, which predict and evaluate too: a second 2d run here would repeat them."""
 import json
 
 import pytest
@@ -58,15 +61,6 @@ def test_lkm_plans_train_predict_evaluate_3d(planned):
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(folder / "checkpoint_final.pth", weights_only=False)
     _predict_and_evaluate(planned, "3d_fullres", "nnUNetLKMUNetPlans", "3d")
-
-
-def test_default_plans_train_and_predict_2d(planned):
-    """Plain nnUNetPlans: the trainer derives the LKM sizes itself and logs the table it used."""
-    _, folder = _train(planned, "2d", "nnUNetPlans")
-    log = next(folder.glob("training_log_*.txt")).read_text()
-    assert "LKM-UNet architecture derived (auto) from PlainConvUNet; shape_policy error" in log
-    assert "0  [32, 32]         [8, 8]         [8, 8]         none" in log
-    _predict_and_evaluate(planned, "2d", "nnUNetPlans", "2d")
 
 
 def test_plans_command_refuses_to_overwrite(planned):

@@ -11,7 +11,7 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from lkm_unet import LKMUNet
-from nnunet_fixtures import DATASET, DATASET_ID, run
+from nnunet_fixtures import DATASET, DATASET_ID, run, run_together
 from nnunetv2_plugin.checkpoint_import import (CheckpointImportError, import_checkpoint, official_plans,
                                                package_to_released_key, released_to_package_key)
 
@@ -81,12 +81,14 @@ def released(planned):
             "plans": plans, "dataset_json": dataset_json}
 
 
-def _predict(planned, plans_identifier: str, name: str) -> dict:
-    out = planned["base"] / f"pred_import_{name}"
-    run(["nnUNetv2_predict", "-i", str(planned["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
-         "-c", "2d", "-f", "all", "-tr", "LKMUNetTrainer", "-p", plans_identifier, "-device", "cpu",
-         "--disable_tta", "--save_probabilities", "-npp", "1", "-nps", "1"], planned["env"])
-    return {case: np.load(out / f"{case}.npz")["probabilities"] for case in ("test0", "test1")}
+def _predict_together(planned, plans_identifiers: list[str]) -> list[dict]:
+    """nnUNetv2_predict with each plans identifier (run at once); the probabilities of each run per case."""
+    outs = [planned["base"] / f"pred_import_{plans}" for plans in plans_identifiers]
+    run_together([["nnUNetv2_predict", "-i", str(planned["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                   "-c", "2d", "-f", "all", "-tr", "LKMUNetTrainer", "-p", plans, "-device", "cpu", "--disable_tta",
+                   "--save_probabilities", "-npp", "1", "-nps", "1"] for out, plans in zip(outs, plans_identifiers)],
+                 planned["env"])
+    return [{case: np.load(out / f"{case}.npz")["probabilities"] for case in ("test0", "test1")} for out in outs]
 
 
 def test_released_keys_follow_the_released_layout(released):
@@ -130,8 +132,7 @@ def test_import_then_stock_predict_equals_the_original_weights(planned, released
     (native / "dataset.json").write_text(json.dumps(released["dataset_json"]))
     torch.save(dict(checkpoint, network_weights=released["ours"]), native / "fold_all" / "checkpoint_final.pth")
 
-    from_import, from_native = _predict(planned, "nnUNetLKMUNetPlansImported", "imported"), \
-        _predict(planned, "nnUNetLKMUNetPlansNative", "native")
+    from_import, from_native = _predict_together(planned, ["nnUNetLKMUNetPlansImported", "nnUNetLKMUNetPlansNative"])
     for case in from_native:
         assert np.array_equal(from_import[case], from_native[case])
         assert from_native[case][1].std() > 1e-3  # a map that varies, not a constant
