@@ -12,11 +12,10 @@ from lkm_unet.modules.bimamba import BiMamba
 from lkm_unet.modules.shape_policy import check_policy, padding_for, per_axis
 
 
-
-
 def valid_checkpointing(mode: Any) -> bool:
     """Whether ``mode`` is a checkpointing mode: True (always), False (never) or "auto" (on accelerators)."""
     return isinstance(mode, bool) or mode == "auto"
+
 
 class SpatialSSM(nn.Module):
     """Base of :class:`PixelSSM` and :class:`PatchSSM`: ``(B, C, *spatial) -> (B, C, *spatial)``.

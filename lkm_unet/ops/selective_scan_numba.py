@@ -7,17 +7,15 @@ pass, with their states in a local array (no Python per step); the forward keeps
 state entering every chunk of :data:`CHUNK` steps and the backward recomputes one chunk at a time, so
 memory stays ``O(b d l)``. The kernels are in :mod:`lkm_unet.ops.selective_scan_numba_kernels`;
 this module prepares their inputs in torch (softplus, layouts) and reduces their partial sums. numba is
-imported here; the dispatcher imports this module only when the numba backend is chosen, so
+imported with the kernels; the dispatcher imports this module only when the numba backend is chosen, so
 ``import lkm_unet`` does not import numba.
 
 Arithmetic is fp32, or fp64 for fp64 inputs; gradients come back in each input's dtype.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import numba  # the backend registry imports this module only when the numba backend is asked for
 import torch
 import torch.nn.functional as F
 from torch import Tensor
