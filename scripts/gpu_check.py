@@ -214,9 +214,9 @@ def section_warmup(dev: torch.device, smoke: bool) -> None:
             rows.append({"shape": [b, d, l], "flags": flag_name(flags), "y_vs_torch": rel(out["y"], ref["y"])})
     log(f"warmup: triton scans compiled for {len(rows)} shape/flag variants in {time.time() - t0:.0f} s; "
         f"worst y vs torch {max(r['y_vs_torch'] for r in rows):.1e}")
-    from lkm_unet.modules import mamba as mamba_module
-    causal_fn = mamba_module._causal_conv1d_fn
-    mamba_module._causal_conv1d_fn = lambda: None  # causal-conv1d may be half-installed while it builds
+    from lkm_unet.ops import causal_conv1d as conv_module
+    causal_fn = conv_module._cuda_kernel
+    conv_module._cuda_kernel = lambda: None  # causal-conv1d may be half-installed while it builds
     try:
         for config, (batch, patch) in TRAIN_CONFIGS.items():
             extra: dict[str, Any] = {}
@@ -233,12 +233,12 @@ def section_warmup(dev: torch.device, smoke: bool) -> None:
             del net, outs
             log(f"warmup: {config} step with triton in {time.time() - t:.0f} s")
     finally:
-        mamba_module._causal_conv1d_fn = causal_fn
+        conv_module._cuda_kernel = causal_fn
 
 
 # --------------------------------------------------------------------------------------------- module
 def section_module(dev: torch.device, cuda_ok: bool, smoke: bool) -> None:
-    from lkm_unet.modules import mamba as ours_mod
+    from lkm_unet.ops import causal_conv1d as conv_module
     res: dict[str, Any] = {}
     try:
         from mamba_ssm.modules.mamba_simple import Mamba as TheirMamba
@@ -284,13 +284,13 @@ def section_module(dev: torch.device, cuda_ok: bool, smoke: bool) -> None:
     for backend in (["cuda"] if cuda_ok else []) + ["torch"]:
         with scan_backend(backend):
             variants[f"ours, backend {backend}"] = fwd_bwd(ours)
-    saved = ours_mod._causal_conv1d_fn
-    ours_mod._causal_conv1d_fn = lambda: None        # force the nn.Conv1d path
+    saved = conv_module._cuda_kernel
+    conv_module._cuda_kernel = lambda: None          # force the torch conv1d path
     try:
         with scan_backend("cuda" if cuda_ok else "torch"):
             variants[f"ours, backend {'cuda' if cuda_ok else 'torch'}, nn.Conv1d"] = fwd_bwd(ours)
     finally:
-        ours_mod._causal_conv1d_fn = saved
+        conv_module._cuda_kernel = saved
     cmp = {}
     for name, v in variants.items():
         errs = {k: rel(v[k], ref_fast[k]) for k in ref_fast}
@@ -488,8 +488,8 @@ def worker_train(config: str, variants: list[str], budget: float, compile_: bool
     ``/nocc`` switches causal-conv1d off (the depthwise conv through nn.Conv1d, cuDNN). ``emit`` gets each
     row as soon as it is done (a worker prints it, so that a later timeout loses only the running one)."""
     t_start = time.time()
-    from lkm_unet.modules import mamba as mamba_module
-    causal_fn = mamba_module._causal_conv1d_fn
+    from lkm_unet.ops import causal_conv1d as conv_module
+    causal_fn = conv_module._cuda_kernel
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, patch = TRAIN_CONFIGS[config]
     extra: dict[str, Any] = {}
@@ -511,9 +511,9 @@ def worker_train(config: str, variants: list[str], budget: float, compile_: bool
             emit(res)
             continue
         try:
-            mamba_module._causal_conv1d_fn = causal_fn if causal else (lambda: None)
+            conv_module._cuda_kernel = causal_fn if causal else (lambda: None)
             res.update(train_variant(config, backend, option, x, target, share, compile_, extra, dev))
-            res["causal_conv1d"] = mamba_module._causal_conv1d_fn() is not None
+            res["causal_conv1d"] = conv_module._cuda_kernel() is not None
             grads = res.pop("grads")
             ref = reference_grads.get(option)
             if ref is None:
@@ -526,7 +526,7 @@ def worker_train(config: str, variants: list[str], budget: float, compile_: bool
                 f"{type(error).__name__}: {error}"[:3000]
             res["traceback"] = traceback.format_exc()[-4000:]
         finally:
-            mamba_module._causal_conv1d_fn = causal_fn
+            conv_module._cuda_kernel = causal_fn
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         log(f"train {config} {variant}: " + ", ".join(f"{key}={res[key]}" for key in

@@ -3,11 +3,12 @@
 Parameter names, shapes and initialisation follow mamba-ssm so that a state_dict saved from its
 ``Mamba`` loads here with ``strict=True`` and gives the same output. The selective scan is
 :func:`lkm_unet.ops.selective_scan` (its ``auto`` backend order: mamba-ssm's kernel, triton or the torch
-scan on CUDA; numba or the torch scan on the CPU).
+scan on CUDA; numba or the torch scan on the CPU); the causal conv1d and its SiLU are
+:func:`lkm_unet.ops.causal_conv1d.causal_conv1d_silu` (causal-conv1d's kernel on CUDA, numba's beside
+the numba scan on the CPU, else torch's conv1d).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -17,16 +18,7 @@ from torch import Tensor, nn
 
 from lkm_unet.modules.precision import run_in_fp32
 from lkm_unet.ops import selective_scan
-
-
-@functools.lru_cache(maxsize=None)
-def _causal_conv1d_fn():
-    """causal-conv1d's fused depthwise conv, or None when it is not installed or has no kernel."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # missing package or a build without its CUDA extension
-        return None
-    return causal_conv1d_fn
+from lkm_unet.ops.causal_conv1d import causal_conv1d_silu
 
 
 def _project(weight: Tensor, x: Tensor) -> Tensor:
@@ -124,7 +116,6 @@ class Mamba(nn.Module):
         ``mask`` (batch, length), True for real tokens: padded tokens are zeroed before the conv and
         get dt = 0, so they neither feed nor decay the state (used when a feature map is padded).
         """
-        length = hidden_states.shape[1]
         # The projections run as (out, in) @ (b, in, l) products, so x, z, delta come out contiguous in the
         # scan's (b, d, l) layout instead of as transposed views that the conv and the scan copy.
         features = hidden_states.transpose(1, 2)                   # (b, d_model, l), a view
@@ -135,7 +126,7 @@ class Mamba(nn.Module):
             x, z = x + b_x[:, None], z + b_z[:, None]
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
-        x = self._conv(x, length)
+        x = self._conv(x)
         x_dbl = _project(self.x_proj.weight, x)                    # (b, dt_rank + 2 * d_state, l)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(self.dt_proj.weight, dt)                  # (b, d_inner, l); bias goes in the scan
@@ -151,9 +142,5 @@ class Mamba(nn.Module):
                 y = selective_scan(x, delta.to(x.dtype), A, B, C, self.D.float(), z=z)
         return y.transpose(1, 2)
 
-    def _conv(self, x: Tensor, length: int) -> Tensor:
-        fused = _causal_conv1d_fn() if x.is_cuda else None
-        if fused is not None:
-            weight = self.conv1d.weight.squeeze(1)                 # (d_inner, d_conv)
-            return fused(x.contiguous(), weight, self.conv1d.bias, activation="silu")
-        return F.silu(self.conv1d(x)[..., :length])
+    def _conv(self, x: Tensor) -> Tensor:
+        return causal_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias)

@@ -121,14 +121,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return name
 
 
-def _resolve_constant(backend: str, device_type: str) -> str:
+def resolve_constant(backend: str, device_type: str) -> str:
     """:func:`resolve_backend`, which torch.compile evaluates once while tracing instead of tracing it."""
     return resolve_backend(backend, torch.device(device_type))
 
 
 # What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (which imports
 # triton) when lkm_unet is imported; tests/ops/test_selective_scan_op.py fails if torch stops honouring it.
-_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
+resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def selective_scan(
@@ -151,7 +151,7 @@ def selective_scan(
     recurrence.
     """
     if torch.compiler.is_compiling():
-        name = _resolve_constant(backend, u.device.type)
+        name = resolve_constant(backend, u.device.type)
     else:
         name = resolve_backend(backend, u.device)
     if name == "ref":
