@@ -272,10 +272,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     steps = []
     for case, n_steps in ([] if args.no_steps else STEP_CASES["quick" if args.quick else "full"]):
-        steps.append(benchmark_step.time_steps(case, False, "—", n_steps))
+        start = len(steps)
+        steps += [benchmark_step.time_steps(case, net, "—", n_steps) for net in benchmark_step.NETS[:2]]
         for backend in ("numba", "torch") if fused else ("torch",):
-            steps.append(benchmark_step.time_steps(case, True, backend, n_steps))
-        print(benchmark_step.step_table(steps[-3:]), flush=True)
+            steps.append(benchmark_step.time_steps(case, "LKM-UNet", backend, n_steps))
+        print(benchmark_step.step_table(steps[start:]), flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = "python scripts/benchmark_scan.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     load = ", ".join(f"{a:.1f}" for a in load_before) + " -> " + ", ".join(f"{a:.1f}" for a in os.getloadavg())
@@ -303,8 +304,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         "### Training step: LKM-UNet against its conv backbone", "",
         "From `scripts/benchmark_step.py` (its docstring describes the networks): forward, deep-supervised "
         "cross-entropy, backward and an SGD step in fp32; the median of the timed steps after one warm-up "
-        "step (first step s: the warm-up, with the JIT cost where the cache is cold). The backbone is "
-        "`ResidualEncoderUNet` with the same stages, blocks and decoder, without PiM and PaM. LKM-UNet has its "
+        "step (first step s: the warm-up, with the JIT cost where the cache is cold). The backbone is the same "
+        "network without PiM and PaM (the `noMamba` ablation: the same residual encoder and residual decoder), "
+        "so x backbone is the cost of PiM and PaM; `ResidualEncoderUNet` (x ResEnc) has the same encoder and "
+        "nnU-Net's plain decoder, which is lighter than LKM-UNet's residual one. LKM-UNet has its "
         "default memory options: `ssm_checkpointing=\"auto\"` does not recompute on the CPU (README, Memory).", "",
         benchmark_step.step_table(steps) if steps else "(skipped)", "",
     ])

@@ -19,8 +19,17 @@ The networks:
   convs, windows and pools 24, 12, 12, 6, 6; batch 4 (the quickstart's CPU batch).
 - ``paper2d``: ``LKMUNet.from_preset("paper", "abdomen_mr_2d")``, 320 x 320, batch 2.
 
-The backbone is dynamic-network-architectures' ``ResidualEncoderUNet`` with the same stages, blocks and
-decoder. A step is nnU-Net's: forward, deep-supervised cross-entropy, backward, SGD (lr 1e-2, momentum
+Three networks per case (``NETS``):
+
+- ``LKM-UNet``: the network above.
+- ``backbone``: the same network without PiM and PaM (``use_pim=False, use_pam=False``, the ``noMamba``
+  ablation): the same residual encoder and the same residual decoder (two residual blocks per decoder
+  stage), so ``x backbone`` is the cost of PiM and PaM alone.
+- ``ResidualEncoderUNet``: dynamic-network-architectures' ``ResidualEncoderUNet`` (what nnU-Net's ResEnc
+  plans train) with the same encoder, but its plain decoder (``n_conv_per_stage_decoder`` convolutions per
+  stage, no residual blocks): lighter than the backbone, so ``x ResEnc`` is the larger ratio.
+
+A step is nnU-Net's: forward, deep-supervised cross-entropy, backward, SGD (lr 1e-2, momentum
 0.99, Nesterov), in fp32 (CPU training runs without autocast).
 """
 from __future__ import annotations
@@ -66,16 +75,24 @@ def architecture(case: str) -> dict:
     return {**stored["architecture"], **stored["presets"]["paper"]}
 
 
-def build(case: str, mamba: bool, option: Optional[str] = None) -> nn.Module:
-    """LKM-UNet of ``case`` (with memory option ``option`` of :data:`OPTIONS`, else the defaults), or
-    (``mamba=False``) the same ``ResidualEncoderUNet`` without PiM and PaM."""
+NETS = ("ResidualEncoderUNet", "backbone", "LKM-UNet")
+
+
+def build(case: str, net: str, option: Optional[str] = None) -> nn.Module:
+    """Network ``net`` of :data:`NETS` for ``case``; LKM-UNet with memory option ``option`` of :data:`OPTIONS`
+    (else the defaults)."""
+    if net not in NETS:
+        raise ValueError(f"net={net!r}; valid: {', '.join(NETS)}")
     kwargs = architecture(case)
-    if mamba and option is not None:
+    if net == "LKM-UNet" and option is not None:
         kwargs = {**kwargs, **OPTIONS[option]}
     classes = CASES[case][2]
     torch.manual_seed(0)
-    if mamba:
+    if net == "LKM-UNet":
         return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=True, **kwargs)
+    if net == "backbone":
+        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=True, use_pim=False, use_pam=False,
+                       **kwargs)
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
     from pydoc import locate
 
@@ -111,10 +128,12 @@ def make_step(net: nn.Module, case: str):
     return step
 
 
-def time_steps(case: str, mamba: bool, backend: str, steps: int, option: Optional[str] = None) -> dict:
-    """Median wall time of ``steps`` training steps after one warm-up step (which includes any JIT)."""
-    net = build(case, mamba, option)
-    step = make_step(net, case)
+def time_steps(case: str, net: str, backend: str, steps: int, option: Optional[str] = None) -> dict:
+    """Median wall time of ``steps`` training steps of network ``net`` (:data:`NETS`) after one warm-up step
+    (which includes any JIT)."""
+    mamba = net == "LKM-UNet"
+    model = build(case, net, option)
+    step = make_step(model, case)
     with scan_backend(backend if mamba else "auto"):
         start = time.perf_counter()
         loss = step()
@@ -124,16 +143,15 @@ def time_steps(case: str, mamba: bool, backend: str, steps: int, option: Optiona
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    return {"case": case, "net": "LKM-UNet" if mamba else "backbone", "backend": backend if mamba else "—",
+    return {"case": case, "net": net, "backend": backend if mamba else "—",
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "steps": steps,
-            "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+            "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             **({"option": option} if mamba and option is not None else {})}
 
 
 def profile(case: str, backend: str, rows: int = 30) -> str:
     """torch.profiler's table (self CPU time) of one LKM-UNet training step after a warm-up step."""
-    net = build(case, True)
-    step = make_step(net, case)
+    step = make_step(build(case, "LKM-UNet"), case)
     with scan_backend(backend):
         step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -142,23 +160,32 @@ def profile(case: str, backend: str, rows: int = 30) -> str:
 
 
 def step_table(results: list[dict]) -> str:
-    """The step table; with memory options (results with an "option"), a column for the option and one for
-    the step's cost relative to the LKM-UNet step without any (``none``)."""
+    """The step table: each step against the case's backbone (``x backbone``) and, where it was timed, against
+    ``ResidualEncoderUNet`` (``x ResEnc``); with memory options (results with an "option"), a column for the
+    option and one for the step's cost relative to the LKM-UNet step without any (``none``)."""
     options = any("option" in r for r in results)
+    resenc_cases = {r["case"] for r in results if r["net"] == "ResidualEncoderUNet"}
     lines = ["| network | net | scan backend | " + ("memory option | " if options else "") + "params M | step s "
-             "(median) | min-max s | steps | first step s | x backbone |" + (" x none |" if options else ""),
-             "|---|---|---|" + ("---|" if options else "") + "---:|" * 6 + ("---:|" if options else "")]
+             "(median) | min-max s | steps | first step s | x backbone |" + (" x ResEnc |" if resenc_cases else "")
+             + (" x none |" if options else ""),
+             "|---|---|---|" + ("---|" if options else "") + "---:|" * 6 + ("---:|" if resenc_cases else "")
+             + ("---:|" if options else "")]
+
+    def ratio(r: dict, base: dict[str, float]) -> str:
+        return f" {r['median_s'] / base[r['case']]:.2f}x |" if r["case"] in base else " — |"
+
     backbone = {r["case"]: r["median_s"] for r in results if r["net"] == "backbone"}
+    resenc = {r["case"]: r["median_s"] for r in results if r["net"] == "ResidualEncoderUNet"}
     none = {r["case"]: r["median_s"] for r in results if r.get("option") == "none"}
     for r in results:
-        ratio = r["median_s"] / backbone[r["case"]] if r["case"] in backbone else float("nan")
         option = f"{r.get('option', '—')} | " if options else ""
-        vs_none = ""
+        line = (f"| {r['case']} | {r['net']} | {r['backend']} | {option}{r['params_m']:.1f} | {r['median_s']:.3f} "
+                f"| {r['min_s']:.3f}-{r['max_s']:.3f} | {r['steps']} | {r['first_s']:.2f} |" + ratio(r, backbone))
+        if resenc_cases:
+            line += ratio(r, resenc)
         if options:
-            vs_none = f" {r['median_s'] / none[r['case']]:.2f}x |" if "option" in r and r["case"] in none else " — |"
-        lines.append(f"| {r['case']} | {r['net']} | {r['backend']} | {option}{r['params_m']:.1f} | {r['median_s']:.3f} "
-                     f"| {r['min_s']:.3f}-{r['max_s']:.3f} | {r['steps']} | {r['first_s']:.2f} | {ratio:.2f}x |"
-                     + vs_none)
+            line += ratio(r, none) if "option" in r else " — |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -176,9 +203,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.profile:
         print(profile(args.case, args.backend))
         return
-    results = [time_steps(args.case, False, "—", args.steps)]
+    results = [time_steps(args.case, net, "—", args.steps) for net in NETS[:2]]
     for option in args.options or [None]:
-        results.append(time_steps(args.case, True, args.backend, args.steps, option))
+        results.append(time_steps(args.case, "LKM-UNet", args.backend, args.steps, option))
     print(step_table(results))
 
 

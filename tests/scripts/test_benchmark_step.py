@@ -1,6 +1,9 @@
-"""The step benchmark times LKM-UNet once per memory option and reports each step against the one without."""
+"""The step benchmark times LKM-UNet once per memory option and reports each step against its backbone
+(the same network without PiM and PaM), nnU-Net's ResidualEncoderUNet and the step without options."""
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
@@ -9,19 +12,36 @@ import benchmark_step  # noqa: E402
 
 def test_each_memory_option_builds_its_network():
     for option, expected in (("none", (False, False)), ("checkpointing", (True, False)), ("both", (True, True))):
-        net = benchmark_step.build("demo", True, option)
+        net = benchmark_step.build("demo", "LKM-UNet", option)
         pim = net.encoder.lkm_stages[0].pim
         assert (pim.checkpointing, pim.mixer.autocast) == expected, option
 
 
-def test_step_table_reports_the_cost_against_no_options():
+def test_the_backbone_is_lkm_unet_without_pim_and_pam():
+    """Same encoder and residual decoder: the parameters differ by exactly PiM's and PaM's."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    lkm, backbone = benchmark_step.build("demo", "LKM-UNet"), benchmark_step.build("demo", "backbone")
+    resenc = benchmark_step.build("demo", "ResidualEncoderUNet")
+    assert count(backbone) == count(lkm) - count(lkm.encoder.lkm_stages) == 9_697_264
+    assert count(backbone.encoder) - count(backbone.encoder.lkm_stages) == count(resenc.encoder)
+    assert count(resenc.decoder) < count(backbone.decoder)  # nnU-Net's plain decoder is the lighter one
+    with pytest.raises(ValueError, match="net='resenc'; valid: ResidualEncoderUNet, backbone, LKM-UNet"):
+        benchmark_step.build("demo", "resenc")
+
+
+def test_step_table_reports_the_cost_against_the_backbone_resenc_and_no_options():
     row = {"case": "demo", "backend": "numba", "params_m": 17.5, "min_s": 1.0, "max_s": 4.0, "steps": 3, "first_s": 5.0}
-    results = [{**row, "net": "backbone", "backend": "—", "median_s": 1.0},
+    results = [{**row, "net": "ResidualEncoderUNet", "backend": "—", "median_s": 0.5},
+               {**row, "net": "backbone", "backend": "—", "median_s": 1.0},
                {**row, "net": "LKM-UNet", "option": "none", "median_s": 2.0},
                {**row, "net": "LKM-UNet", "option": "checkpointing", "median_s": 2.5}]
     lines = benchmark_step.step_table(results).splitlines()
-    assert lines[0].endswith("| x backbone | x none |")
-    assert lines[2].endswith("| 1.00x | — |") and "| backbone | — | — | 17.5 |" in lines[2]
-    assert lines[3].endswith("| 2.00x | 1.00x |") and "| none |" in lines[3]
-    assert lines[4].endswith("| 2.50x | 1.25x |") and "| checkpointing |" in lines[4]
-    assert "memory option" not in benchmark_step.step_table(results[:1])
+    assert lines[0].endswith("| x backbone | x ResEnc | x none |")
+    assert lines[2].endswith("| 0.50x | 1.00x | — |") and "| ResidualEncoderUNet | — | — | 17.5 |" in lines[2]
+    assert lines[3].endswith("| 1.00x | 2.00x | — |") and "| backbone | — | — | 17.5 |" in lines[3]
+    assert lines[4].endswith("| 2.00x | 4.00x | 1.00x |") and "| none |" in lines[4]
+    assert lines[5].endswith("| 2.50x | 5.00x | 1.25x |") and "| checkpointing |" in lines[5]
+    without = benchmark_step.step_table(results[1:2])
+    assert "memory option" not in without and "x ResEnc" not in without
