@@ -6,7 +6,7 @@ recurrence of one batch row and :data:`~lkm_unet.ops.selective_scan_numba_kernel
 pass, with their states in a local array (no Python per step); the forward keeps the
 state entering every chunk of :data:`CHUNK` steps and the backward recomputes one chunk at a time, so
 memory stays ``O(b d l)``. The kernels are in :mod:`lkm_unet.ops.selective_scan_numba_kernels`;
-this module prepares their inputs in torch (softplus, layouts) and reduces their partial sums. numba is
+this module prepares their inputs' layouts in torch and reduces their partial sums. numba is
 imported with the kernels; the dispatcher imports this module only when the numba backend is chosen, so
 ``import lkm_unet`` does not import numba.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lkm_unet.ops import selective_scan_numba_kernels as kernels
@@ -42,21 +41,18 @@ def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-              z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool) -> dict[str, Tensor]:
-    """The kernels' inputs in the compute dtype, contiguous: ``dt, u, z, raw: (b, d, l)``, ``At: (n, d)``,
-    ``Bt, Ct: (b, l, n)``, ``D: (d,)`` and the typed constants. ``raw`` is delta + delta_bias before the
-    softplus (kept for its derivative); absent ``z`` / ``raw`` are empty ``(b, d, 0)`` arrays, absent
-    ``D`` zeros."""
+              z: Optional[Tensor], delta_bias: Optional[Tensor]) -> dict[str, Tensor]:
+    """The kernels' inputs in the compute dtype, contiguous: ``delta, u, z: (b, d, l)``, ``bias: (d,)``,
+    ``At: (n, d)``, ``Bt, Ct: (b, l, n)``, ``D: (d,)`` and the typed constants. The kernels add the bias
+    and apply the softplus per tile. An absent ``z`` is an empty ``(b, d, 0)`` array, absent ``D`` and
+    ``delta_bias`` zeros."""
     dtype = _compute_dtype(u)
     lo, tiny = kernels.FLUSH[torch.empty(0, dtype=dtype).numpy().dtype]
     batch, dim, _ = u.shape
-    raw = delta.detach().to(dtype)
-    if delta_bias is not None:
-        raw = raw + delta_bias.detach().to(dtype)[:, None]
-    empty = torch.empty(batch, dim, 0, dtype=dtype)
     return {
-        "dt": (F.softplus(raw) if softplus else raw).contiguous(), "u": _dense(u, dtype),
-        "z": empty if z is None else _dense(z, dtype), "raw": raw.contiguous() if softplus else empty,
+        "delta": _dense(delta, dtype), "u": _dense(u, dtype),
+        "bias": torch.zeros(dim, dtype=dtype) if delta_bias is None else _dense(delta_bias, dtype),
+        "z": torch.empty(batch, dim, 0, dtype=dtype) if z is None else _dense(z, dtype),
         "At": _dense(A.t(), dtype), "Bt": _dense(B.transpose(1, 2), dtype), "Ct": _dense(C.transpose(1, 2), dtype),
         "D": torch.zeros(dim, dtype=dtype) if D is None else _dense(D, dtype),
         "consts": torch.tensor([-lo, tiny, 0.0, 1.0], dtype=dtype),
@@ -74,12 +70,13 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``, ``D, delta_bias: (d,)``. ``states``
     is in the compute dtype (fp32; fp64 for fp64 inputs, so that the fp64 backward stays exact).
     """
-    op = _operands(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    op = _operands(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     out = torch.empty(batch, dim, length, dtype=op["u"].dtype)
     states = torch.empty(states_shape(batch, dim, length, A.shape[1]), dtype=op["u"].dtype)
-    kernels.scan_fwd_kernel(*_np(op["dt"], op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"],
-                                   op["consts"], out, states), CHUNK)
+    kernels.scan_fwd_kernel(op["delta"].numpy(), op["bias"].numpy(), bool(delta_softplus),
+                            *_np(op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"], op["consts"], out, states),
+                            CHUNK)
     return out.to(u.dtype), states
 
 
@@ -93,7 +90,7 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, states: Tensor,
              ) -> tuple[Optional[Tensor], ...]:
     """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` for ``dout: (b, d, l)``; None for absent inputs."""
-    op = _operands(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    op = _operands(u, delta, A, B, C, D, z, delta_bias)
     dtype = op["u"].dtype
     batch, dim, length = u.shape
     n = A.shape[1]
@@ -104,8 +101,9 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     dD, ddelta_bias = torch.empty(batch, dim, dtype=dtype), torch.empty(batch, dim, dtype=dtype)
     dB, dC = torch.empty(blocks, batch, length, n, dtype=dtype), torch.empty(blocks, batch, length, n, dtype=dtype)
     kernels.scan_bwd_kernel(
-        *_np(op["dt"], op["u"], op["z"], op["raw"], op["At"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype),
-             _dense(states, dtype), op["consts"]),
+        op["delta"].numpy(), op["bias"].numpy(), bool(delta_softplus),
+        *_np(op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype), _dense(states, dtype),
+             op["consts"]),
         CHUNK, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC))
 
     def reduced(partial: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:

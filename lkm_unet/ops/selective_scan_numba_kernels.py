@@ -8,7 +8,7 @@ Layout: one parallel job is a batch row and a block of :data:`LANES` channels. T
 stride and a constant trip count, so that one step's exponentials and multiply-adds are whole SIMD
 vectors with no reduction across lanes (``B`` and ``C`` are the same for every channel: one broadcast
 per state index). ``A`` comes in transposed, ``(n, d)``, the kept states as ``(b, chunks, n, d)``.
-Channels past ``d`` in the last block are padded lanes with ``dt = u = A = 0``: their state stays 0.
+Channels past ``d`` in the last block are padded lanes with ``u = A = 0``: their state stays 0.
 
 Exponentials: a scalar libm ``exp`` per ``(b, d, l, n)`` element does not vectorise and costs as much as
 the rest of the kernel several times over, so fp32 uses :func:`exp_poly`, a Cody-Waite range reduction
@@ -92,6 +92,42 @@ def sigmoid(x, one):
     return one / (one + exp_any(-x))
 
 
+@njit(inline="always", fastmath=True)
+def log1p_unit(e):
+    """log(1 + e) for fp32 ``e`` in [0, 1], branch-free: ``2 atanh(s)`` with ``s = e / (2 + e) <= 1/3``, the
+    odd series to ``s^13`` (truncation below 2e-8 relative)."""
+    s = e / (np.float32(2.0) + e)
+    s2 = s * s
+    p = np.float32(1 / 13)
+    p = p * s2 + np.float32(1 / 11)
+    p = p * s2 + np.float32(1 / 9)
+    p = p * s2 + np.float32(1 / 7)
+    p = p * s2 + np.float32(1 / 5)
+    p = p * s2 + np.float32(1 / 3)
+    return np.float32(2.0) * s * (p * s2 + np.float32(1.0))
+
+
+def softplus(x):
+    """log(1 + exp(x)) in the scan's dtype; replaced per dtype below (numba overload)."""
+
+
+@overload(softplus, inline="always", fastmath=True)
+def _softplus_impl(x):
+    # max(x, 0) + log1p(exp(-|x|)): exact for large |x| (torch's softplus returns x above 20, the same in fp32)
+    if x == types.float32:
+        return lambda x: max(x, np.float32(0.0)) + log1p_unit(exp_poly(-abs(x)))
+    return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@njit(inline="always", fastmath=True)
+def _delta_tile(tile, bias_blk, steps, apply_softplus):
+    """In place, over a gathered delta tile: ``+ delta_bias``, then the softplus if asked."""
+    for j in range(steps):
+        for w in range(LANES):
+            raw = tile[j, w] + bias_blk[w]
+            tile[j, w] = softplus(raw) if apply_softplus else raw
+
+
 @njit(inline="always")
 def _block(job, n_blocks, dim):
     """(batch row, first channel, channels) of parallel job ``job``."""
@@ -111,23 +147,27 @@ def _gather(src, bi, d0, width, t0, steps, tile):
     """``tile[j, w] = src[bi, d0 + w, t0 + j]``: a chunk of ``width`` channel rows into a time-major tile
     (each row read contiguously; lanes past ``width`` keep their zeros)."""
     for w in range(width):
+        row = src[bi, d0 + w, t0:t0 + steps]
         for j in range(steps):
-            tile[j, w] = src[bi, d0 + w, t0 + j]
+            tile[j, w] = row[j]
 
 
 @njit(inline="always")
 def _scatter(tile, bi, d0, width, t0, steps, dst):
     """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``."""
     for w in range(width):
+        row = dst[bi, d0 + w, t0:t0 + steps]
         for j in range(steps):
-            dst[bi, d0 + w, t0 + j] = tile[j, w]
+            row[j] = tile[j, w]
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def scan_fwd_kernel(dt, u, z, At, Bt, Ct, D, consts, out, states, chunk):
+def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, out, states, chunk):
     """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c, :, d] = h`` entering chunk ``c``.
 
-    ``dt, u, z, out: (b, d, l)`` (``z`` with a last axis of size 0 when there is no gate), ``At: (n, d)``,
+    ``dt = softplus(delta + bias)`` (``apply_softplus``) or ``delta + bias`` is formed per tile, so no
+    ``(b, d, l)`` array of it exists. ``delta, u, z, out: (b, d, l)`` (``z`` with a last axis of size 0 when
+    there is no gate), ``bias: (d,)``, ``At: (n, d)``,
     ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, ceil(l / chunk), n, d)`` (size 0 on the chunk axis to
     keep none), ``consts = (-lo, tiny, 0, 1)`` (typed constants: a Python literal would promote fp32
     arithmetic to fp64). Per chunk, the inputs are gathered into time-major ``(chunk, LANES)`` tiles, the
@@ -146,13 +186,16 @@ def scan_fwd_kernel(dt, u, z, At, Bt, Ct, D, consts, out, states, chunk):
         a_blk[:, :width] = At[:, d0:d0 + width]
         d_blk = np.zeros(LANES, dtype=u.dtype)
         d_blk[:width] = D[d0:d0 + width]
+        bias_blk = np.zeros(LANES, dtype=u.dtype)
+        bias_blk[:width] = bias[d0:d0 + width]
         dt_t, u_t, z_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         dtv, dtu, acc = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
         for t0 in range(0, length, chunk):
             steps = min(length - t0, chunk)
             if keep:
                 states[bi, t0 // chunk, :, d0:d0 + width] = h[:, :width]
-            _gather(dt, bi, d0, width, t0, steps, dt_t)
+            _gather(delta, bi, d0, width, t0, steps, dt_t)
+            _delta_tile(dt_t, bias_blk, steps, apply_softplus)
             _gather(u, bi, d0, width, t0, steps, u_t)
             for j in range(steps):
                 t = t0 + j
@@ -178,13 +221,12 @@ def scan_fwd_kernel(dt, u, z, At, Bt, Ct, D, consts, out, states, chunk):
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
+def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, states, consts, chunk,
                     du, ddt, dz, dA, dD, ddelta_bias, dB, dC):
     """Adjoint of :func:`scan_fwd_kernel`, recomputing each chunk's states from ``states``.
 
-    Inputs as the forward, plus ``raw: (b, d, l)`` = delta + delta_bias before the softplus (last axis of
-    size 0 without softplus) and ``dout: (b, d, l)``. Writes ``du, ddt, dz: (b, d, l)`` (``ddt`` w.r.t. the
-    raw delta), per-batch-row partial sums ``dA: (b, n, d)``, ``dD, ddelta_bias: (b, d)``, and per-block
+    Inputs as the forward, plus ``dout: (b, d, l)``. Writes ``du, ddt, dz: (b, d, l)`` (``ddt`` w.r.t.
+    ``delta``, through the softplus), per-batch-row partial sums ``dA: (b, n, d)``, ``dD, ddelta_bias: (b, d)``, and per-block
     sums ``dB, dC: (blocks, b, l, n)``: job (row, block) writes its own slice only, so the jobs run in
     parallel without races. With ``dy = dout silu(z)``, ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and
     ``x_t = g_t a_t h_{t-1}``: ``du = dt sum_n g B + D dy``, ``ddt = u sum_n g B + sum_n x A``,
@@ -195,7 +237,6 @@ def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
     n_chunks = states.shape[1]
     n_blocks = (dim + LANES - 1) // LANES
     gated = z.shape[2] > 0
-    softplus = raw.shape[2] > 0
     neg_lo, tiny, zero, one = consts[0], consts[1], consts[2], consts[3]
     for job in prange(batch * n_blocks):
         bi, d0, width = _block(job, n_blocks, dim)
@@ -206,6 +247,8 @@ def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
         a_blk[:, :width] = At[:, d0:d0 + width]
         d_blk = np.zeros(LANES, dtype=u.dtype)
         d_blk[:width] = D[d0:d0 + width]
+        bias_blk = np.zeros(LANES, dtype=u.dtype)
+        bias_blk[:width] = bias[d0:d0 + width]
         ga = np.zeros((n, LANES), dtype=u.dtype)  # a_{t+1} g_{t+1}, carried backwards across chunks
         da = np.zeros((n, LANES), dtype=u.dtype)
         dd_acc = np.zeros(LANES, dtype=u.dtype)
@@ -222,13 +265,15 @@ def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
         for c in range(n_chunks - 1, -1, -1):
             t0 = c * chunk
             steps = min(length, t0 + chunk) - t0
-            _gather(dt, bi, d0, width, t0, steps, dt_t)
+            _gather(delta, bi, d0, width, t0, steps, raw_t)
+            _delta_tile(raw_t, bias_blk, steps, False)  # delta + bias: the softplus's argument
+            for j in range(steps):
+                for w in range(LANES):
+                    dt_t[j, w] = softplus(raw_t[j, w]) if apply_softplus else raw_t[j, w]
             _gather(u, bi, d0, width, t0, steps, u_t)
             _gather(dout, bi, d0, width, t0, steps, dout_t)
             if gated:
                 _gather(z, bi, d0, width, t0, steps, z_t)
-            if softplus:
-                _gather(raw, bi, d0, width, t0, steps, raw_t)
             for j in range(steps):
                 for w in range(LANES):
                     dtu_t[j, w] = dt_t[j, w] * u_t[j, w]
@@ -289,7 +334,7 @@ def scan_bwd_kernel(dt, u, z, raw, At, Bt, Ct, D, dout, states, consts, chunk,
                     dy_w = dy_t[j, w]
                     dd_acc[w] += dy_w * uv
                     gdt = uv * sb_t[j, w] + sa_t[j, w]
-                    if softplus:
+                    if apply_softplus:
                         gdt *= sigmoid(raw_t[j, w], one)
                     dbias_acc[w] += gdt
                     if gated:

@@ -100,6 +100,27 @@ def test_large_decay_is_finite_and_matches_ref() -> None:
     assert_matches_ref(inputs, True, torch.float32, fn=numba_backend)
 
 
+def test_in_kernel_softplus_matches_torch_in_fp32() -> None:
+    """The kernels form softplus(delta + bias) per tile with a polynomial exp and log1p (fp32): within a
+    few fp32 ulps of torch's softplus from -80 to 80, and exactly x above torch's threshold of 20."""
+    from numba import njit
+
+    from lkm_unet.ops.selective_scan_numba_kernels import softplus
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = softplus(x[i])
+
+    x = torch.cat([torch.linspace(-80, 80, 200_001), torch.tensor([0.0, 1e-6, -1e-6, 20.0, 25.0])])
+    out = torch.empty_like(x)
+    apply(x.numpy(), out.numpy())
+    want = torch.nn.functional.softplus(x.double())
+    rel = ((out.double() - want).abs() / want.abs()).max()
+    assert rel < 4e-7, f"relative error {rel:.1e}"
+    assert torch.equal(out[x > 20], x[x > 20])
+
+
 def test_decaying_states_never_become_denormal() -> None:
     """One input at t = 0, then pure decay by exp(-0.5) per step: the oracle's fp32 state passes through
     the denormal range (below 1.2e-38) around step 175; the kernel's states, adjoints and outputs are
