@@ -277,6 +277,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         for backend in ("numba", "torch") if fused else ("torch",):
             steps.append(benchmark_step.time_steps(case, "LKM-UNet", backend, n_steps))
         print(benchmark_step.step_table(steps[start:]), flush=True)
+    where = None if args.no_steps or args.quick or not fused else benchmark_step.breakdown("demo", "numba")
+    if where:
+        print(where, flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = "python scripts/benchmark_scan.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     load = ", ".join(f"{a:.1f}" for a in load_before) + " -> " + ", ".join(f"{a:.1f}" for a in os.getloadavg())
@@ -310,6 +313,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         "nnU-Net's plain decoder, which is lighter than LKM-UNet's residual one. LKM-UNet has its "
         "default memory options: `ssm_checkpointing=\"auto\"` does not recompute on the CPU (README, Memory).", "",
         benchmark_step.step_table(steps) if steps else "(skipped)", "",
+        "### Where PiM and PaM spend a demo step", "",
+        "`python scripts/benchmark_step.py demo --breakdown` (run here in the same process): torch.profiler's "
+        "self CPU time of LKM-UNet's step and of its backbone's, by kind of op, medians of 5 profiled steps "
+        "each; the difference is the cost of PiM and PaM. The profiler adds its own overhead, so the totals "
+        "exceed the timed steps above.", "",
+        where or "(skipped)", "",
     ])
     print()
     print(body)

@@ -4,6 +4,7 @@ Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runna
 
     python scripts/benchmark_step.py demo --backend numba --steps 5
     python scripts/benchmark_step.py demo --profile       # torch.profiler table of one step
+    python scripts/benchmark_step.py demo --breakdown     # where PiM and PaM spend their time, by kind of op
     python scripts/benchmark_step.py paper2d --options none checkpointing both --steps 5
 
 ``--options`` times the LKM-UNet step once per memory option (``scripts/benchmark_memory.py``'s names:
@@ -149,14 +150,69 @@ def time_steps(case: str, net: str, backend: str, steps: int, option: Optional[s
             **({"option": option} if mamba and option is not None else {})}
 
 
-def profile(case: str, backend: str, rows: int = 30) -> str:
-    """torch.profiler's table (self CPU time) of one LKM-UNet training step after a warm-up step."""
-    step = make_step(build(case, "LKM-UNet"), case)
+def _profiled_steps(case: str, net: str, backend: str, repeats: int = 1) -> list[torch.profiler.profile]:
+    """torch.profiler (CPU) of ``repeats`` training steps of ``net``, one profile each, after two warm-up steps."""
+    step = make_step(build(case, net), case)
+    profiles = []
     with scan_backend(backend):
         step()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        step()
+        for _ in range(repeats):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            profiles.append(prof)
+    return profiles
+
+
+def profile(case: str, backend: str, rows: int = 30) -> str:
+    """torch.profiler's table (self CPU time) of one LKM-UNet training step after warm-up steps."""
+    return _profiled_steps(case, "LKM-UNet", backend)[0].key_averages().table(sort_by="self_cpu_time_total",
+                                                                              row_limit=rows)
+
+
+# Where a profiled op's self time is counted: the first category whose test matches its name.
+CATEGORIES = (
+    ("selective scan", lambda name: "selective_scan" in name),
+    ("Mamba causal conv1d + SiLU (numba op)", lambda name: "causal_conv1d" in name),
+    ("Mamba projections (bmm, mm)", lambda name: name in ("aten::bmm", "aten::mm", "aten::addmm", "aten::linear")),
+    ("convolutions (oneDNN, forward and backward)",
+     lambda name: "convolution" in name and "causal" not in name),
+    ("norms, activations, pooling",
+     lambda name: any(k in name for k in ("norm", "relu", "silu", "softplus", "pool", "sigmoid"))),
+    ("copies, flips, concatenation", lambda name: name in ("aten::copy_", "aten::flip", "aten::cat", "aten::clone")),
+    ("other elementwise and reductions",
+     lambda name: name in ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sum", "aten::fill_",
+                           "aten::zero_", "aten::sub", "aten::div", "aten::addcmul_", "aten::addcdiv_",
+                           "aten::lerp_")),
+    ("everything else (allocation, dispatch, autograd, optimizer)", lambda name: True),
+)
+
+
+def _categorised_ms(prof: torch.profiler.profile) -> dict[str, float]:
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    for event in prof.key_averages():
+        category = next(name for name, test in CATEGORIES if test(event.key))
+        totals[category] += event.self_cpu_time_total / 1e3
+    return totals
+
+
+def breakdown(case: str, backend: str, repeats: int = 5) -> str:
+    """Self CPU ms per category of a profiled step of LKM-UNet and of its backbone (medians of ``repeats``
+    steps each), and the difference: where PiM and PaM spend their time. The profiler's own overhead is
+    included, so totals exceed the timed steps."""
+    medians = {}
+    for net in ("LKM-UNet", "backbone"):
+        runs = [_categorised_ms(prof) for prof in _profiled_steps(case, net, backend, repeats)]
+        medians[net] = {name: statistics.median(run[name] for run in runs) for name, _ in CATEGORIES}
+    lkm, base = medians["LKM-UNet"], medians["backbone"]
+    lines = [f"| where (self CPU time, median of {repeats} steps) | LKM-UNet ms | backbone ms | PiM + PaM ms "
+             "| share of PiM + PaM |", "|---|---:|---:|---:|---:|"]
+    extra = sum(lkm.values()) - sum(base.values())
+    for name, _ in CATEGORIES:
+        diff = lkm[name] - base[name]
+        lines.append(f"| {name} | {lkm[name]:.0f} | {base[name]:.0f} | {diff:.0f} | {diff / extra:.0%} |")
+    lines.append(f"| total | {sum(lkm.values()):.0f} | {sum(base.values()):.0f} | {extra:.0f} | 100% |")
+    return "\n".join(lines)
 
 
 def step_table(results: list[dict]) -> str:
@@ -196,12 +252,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="print where one step's time goes, LKM-UNet against its backbone, by kind of op")
     parser.add_argument("--options", nargs="+", choices=tuple(OPTIONS),
                         help="time the LKM-UNet step once per memory option (default: the network's defaults)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.profile:
         print(profile(args.case, args.backend))
+        return
+    if args.breakdown:
+        print(breakdown(args.case, args.backend))
         return
     results = [time_steps(args.case, net, "—", args.steps) for net in NETS[:2]]
     for option in args.options or [None]:
