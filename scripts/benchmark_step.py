@@ -5,6 +5,7 @@ Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runna
     python scripts/benchmark_step.py demo --backend numba --steps 5
     python scripts/benchmark_step.py demo --profile       # torch.profiler table of one step
     python scripts/benchmark_step.py demo --breakdown     # where PiM and PaM spend their time, by kind of op
+    python scripts/benchmark_step.py demo --conv          # the causal conv1d + SiLU, torch against numba
     python scripts/benchmark_step.py paper2d --options none checkpointing both --steps 5
 
 ``--options`` times the LKM-UNet step once per memory option (``scripts/benchmark_memory.py``'s names:
@@ -215,6 +216,38 @@ def breakdown(case: str, backend: str, repeats: int = 5) -> str:
     return "\n".join(lines)
 
 
+# (b, d, l) of the demo network's PiM mixers, stages 1-5 (batch 4 x windows per map, 2 x features, window area)
+CONV_SHAPES = ((64, 64, 576), (64, 128, 144), (16, 256, 144), (16, 512, 36), (4, 1024, 36))
+
+
+def conv_table(repeats: int = 9) -> str:
+    """Mamba's causal conv1d + SiLU, forward and backward: torch's conv1d (what runs without numba) against the
+    fused numba op, fp32, at the demo network's mixer shapes; medians of ``repeats`` after a warm-up."""
+    from lkm_unet.ops import causal_conv1d as conv
+
+    lines = ["| (b, d, l) | torch conv1d + SiLU fwd+bwd ms | numba fwd+bwd ms | speed-up |", "|---|---:|---:|---:|"]
+    for shape in CONV_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g).requires_grad_()
+        w = (0.5 * torch.randn(shape[1], 4, generator=g)).requires_grad_()
+        b = torch.randn(shape[1], generator=g).requires_grad_()
+        dy = torch.randn(*shape, generator=g)
+        times = {}
+        for name, fn in (("torch", conv.causal_conv1d_silu_torch), ("numba", conv.causal_conv1d_silu)):
+            def run() -> None:
+                fn(x, w, b).backward(dy)
+            with scan_backend(name):
+                run()
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    run()
+                    samples.append(time.perf_counter() - start)
+            times[name] = statistics.median(samples) * 1e3
+        lines.append(f"| {shape} | {times['torch']:.2f} | {times['numba']:.2f} | {times['torch'] / times['numba']:.1f}x |")
+    return "\n".join(lines)
+
+
 def step_table(results: list[dict]) -> str:
     """The step table: each step against the case's backbone (``x backbone``) and, where it was timed, against
     ``ResidualEncoderUNet`` (``x ResEnc``); with memory options (results with an "option"), a column for the
@@ -254,6 +287,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
     parser.add_argument("--breakdown", action="store_true",
                         help="print where one step's time goes, LKM-UNet against its backbone, by kind of op")
+    parser.add_argument("--conv", action="store_true",
+                        help="time Mamba's causal conv1d + SiLU, torch against numba, at the demo's shapes")
     parser.add_argument("--options", nargs="+", choices=tuple(OPTIONS),
                         help="time the LKM-UNet step once per memory option (default: the network's defaults)")
     args = parser.parse_args(argv)
@@ -263,6 +298,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.breakdown:
         print(breakdown(args.case, args.backend))
+        return
+    if args.conv:
+        print(conv_table())
         return
     results = [time_steps(args.case, net, "—", args.steps) for net in NETS[:2]]
     for option in args.options or [None]:

@@ -45,3 +45,28 @@ def test_step_table_reports_the_cost_against_the_backbone_resenc_and_no_options(
     assert lines[5].endswith("| 2.50x | 5.00x | 1.25x |") and "| checkpointing |" in lines[5]
     without = benchmark_step.step_table(results[1:2])
     assert "memory option" not in without and "x ResEnc" not in without
+
+
+def test_conv_table_times_torch_against_numba(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(benchmark_step, "CONV_SHAPES", ((2, 8, 40),))
+    lines = benchmark_step.conv_table(repeats=1).splitlines()
+    assert lines[0] == "| (b, d, l) | torch conv1d + SiLU fwd+bwd ms | numba fwd+bwd ms | speed-up |"
+    assert len(lines) == 3 and lines[2].startswith("| (2, 8, 40) |") and lines[2].endswith("x |")
+
+
+def test_breakdown_categories_name_the_ops_of_a_mixer():
+    """A profiled Mamba forward and backward: the scan, the conv and the projections land in their rows."""
+    pytest.importorskip("numba")
+    import torch
+
+    import lkm_unet
+
+    model = lkm_unet.Mamba(16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(torch.randn(2, 40, 16)).sum().backward()
+    totals = benchmark_step._categorised_ms(prof)
+    assert list(totals) == [name for name, _ in benchmark_step.CATEGORIES]
+    for name in ("selective scan", "Mamba causal conv1d + SiLU (numba op)", "Mamba projections (bmm, mm)"):
+        assert totals[name] > 0, name
+    assert totals["convolutions (oneDNN, forward and backward)"] == 0
