@@ -244,7 +244,8 @@ def conv_table(repeats: int = 9) -> str:
                     run()
                     samples.append(time.perf_counter() - start)
             times[name] = statistics.median(samples) * 1e3
-        lines.append(f"| {shape} | {times['torch']:.2f} | {times['numba']:.2f} | {times['torch'] / times['numba']:.1f}x |")
+        speed_up = times["torch"] / times["numba"]
+        lines.append(f"| {shape} | {times['torch']:.2f} | {times['numba']:.2f} | {speed_up:.1f}x |")
     return "\n".join(lines)
 
 

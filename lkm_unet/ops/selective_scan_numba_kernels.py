@@ -226,9 +226,9 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
     """Adjoint of :func:`scan_fwd_kernel`, recomputing each chunk's states from ``states``.
 
     Inputs as the forward, plus ``dout: (b, d, l)``. Writes ``du, ddt, dz: (b, d, l)`` (``ddt`` w.r.t.
-    ``delta``, through the softplus), per-batch-row partial sums ``dA: (b, n, d)``, ``dD, ddelta_bias: (b, d)``, and per-block
-    sums ``dB, dC: (blocks, b, l, n)``: job (row, block) writes its own slice only, so the jobs run in
-    parallel without races. With ``dy = dout silu(z)``, ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and
+    ``delta``, through the softplus), per-batch-row partial sums ``dA: (b, n, d)``,
+    ``dD, ddelta_bias: (b, d)``, and per-block sums ``dB, dC: (blocks, b, l, n)``: job (row, block) writes
+    its own slice only, so the jobs run in parallel without races. With ``dy = dout silu(z)``, ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and
     ``x_t = g_t a_t h_{t-1}``: ``du = dt sum_n g B + D dy``, ``ddt = u sum_n g B + sum_n x A``,
     ``dB_t = sum_d g dt u``, ``dC_t = sum_d h dy``, ``dA = sum_t x dt``. Tiles as in the forward.
     """
