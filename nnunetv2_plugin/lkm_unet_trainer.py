@@ -17,6 +17,7 @@ from torch import nn
 
 from lkm_unet import LKMUNet
 from lkm_unet.ablations import ablation_kwargs
+from lkm_unet.ops.causal_conv1d import conv_backend
 from lkm_unet.ops.selective_scan import available_backends, resolve_backend
 from nnunetv2_plugin.finite_guard import (NonFiniteTrainingError, gradients_finite, locate_non_finite,
                                           loss_finite, non_finite_message)
@@ -60,7 +61,8 @@ class LKMUNetTrainer(nnUNetTrainer):
             f"LKM-UNet architecture {origin}; shape_policy {kwargs.get('shape_policy', 'pad')}\n"
             f"{stage_table(rows, kwargs.get('pim_grouping', 'window'))}\n"
             f"selective scan backend on {self.device.type}: {backend}"
-            + (f" (cuda: {available_backends()['cuda']})" if fell_back else "") + "\n"
+            + (f" (cuda: {available_backends()['cuda']})" if fell_back else "")
+            + f"; causal conv1d: {conv_backend(self.device)}\n"
             f"deep supervision {'on' if self.enable_deep_supervision else 'off'}; mixed precision "
             + ("allowed on cuda" if self.lkm_allow_autocast else "off (the whole network in fp32)"))
         if self.device.type == "cpu" and backend == "torch":

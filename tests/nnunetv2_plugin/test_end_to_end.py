@@ -44,7 +44,7 @@ def test_lkm_plans_train_predict_evaluate_3d(planned):
     assert (folder / "checkpoint_final.pth").is_file()
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert "LKM-UNet architecture plans; shape_policy error" in log
-    assert "selective scan backend on cpu: numba" in log
+    assert "selective scan backend on cpu: numba; causal conv1d: numba" in log
     assert "flush-to-zero" not in log  # only set when the torch scan runs on the CPU
     validation = json.loads((folder / "validation" / "summary.json").read_text())
     assert 0.0 <= validation["foreground_mean"]["Dice"] <= 1.0
