@@ -223,6 +223,8 @@ CONV_SHAPES = ((64, 64, 576), (64, 128, 144), (16, 256, 144), (16, 512, 36), (4,
 def conv_table(repeats: int = 9) -> str:
     """Mamba's causal conv1d + SiLU, forward and backward: torch's conv1d (what runs without numba) against the
     fused numba op, fp32, at the demo network's mixer shapes; medians of ``repeats`` after a warm-up."""
+    from benchmark_scan import median_ms  # imported here: benchmark_scan imports this module
+
     from lkm_unet.ops import causal_conv1d as conv
 
     lines = ["| (b, d, l) | torch conv1d + SiLU fwd+bwd ms | numba fwd+bwd ms | speed-up |", "|---|---:|---:|---:|"]
@@ -234,16 +236,8 @@ def conv_table(repeats: int = 9) -> str:
         dy = torch.randn(*shape, generator=g)
         times = {}
         for name, fn in (("torch", conv.causal_conv1d_silu_torch), ("numba", conv.causal_conv1d_silu)):
-            def run() -> None:
-                fn(x, w, b).backward(dy)
             with scan_backend(name):
-                run()
-                samples = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    run()
-                    samples.append(time.perf_counter() - start)
-            times[name] = statistics.median(samples) * 1e3
+                times[name] = median_ms(lambda: fn(x, w, b).backward(dy), repeats)
         speed_up = times["torch"] / times["numba"]
         lines.append(f"| {shape} | {times['torch']:.2f} | {times['numba']:.2f} | {speed_up:.1f}x |")
     return "\n".join(lines)
