@@ -145,20 +145,22 @@ def _tile(chunk, dtype):
 @njit(inline="always")
 def _gather(src, bi, d0, width, t0, steps, tile):
     """``tile[j, w] = src[bi, d0 + w, t0 + j]``: a chunk of ``width`` channel rows into a time-major tile
-    (each row read contiguously; lanes past ``width`` keep their zeros)."""
-    for w in range(width):
-        row = src[bi, d0 + w, t0:t0 + steps]
-        for j in range(steps):
-            tile[j, w] = row[j]
+    (lanes past ``width`` keep their zeros). Time-outer order: the tile is written a row at a time while
+    the ``width`` source rows are read one element each; the channel-outer order, which reads each source
+    row contiguously but writes the tile a column at a time, measured 5-8x slower (0.5-0.7 against 3-5 ns
+    per element, one core, (16, 64, 1600) fp32)."""
+    for j in range(steps):
+        for w in range(width):
+            tile[j, w] = src[bi, d0 + w, t0 + j]
 
 
 @njit(inline="always")
 def _scatter(tile, bi, d0, width, t0, steps, dst):
-    """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``."""
-    for w in range(width):
-        row = dst[bi, d0 + w, t0:t0 + steps]
-        for j in range(steps):
-            row[j] = tile[j, w]
+    """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``, time-outer for the same
+    reason (1.1 against 2.1 ns per element)."""
+    for j in range(steps):
+        for w in range(width):
+            dst[bi, d0 + w, t0 + j] = tile[j, w]
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
