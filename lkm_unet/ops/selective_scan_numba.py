@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numba
 import torch
 from torch import Tensor
 
@@ -76,7 +77,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     states = torch.empty(states_shape(batch, dim, length, A.shape[1]), dtype=op["u"].dtype)
     kernels.scan_fwd_kernel(op["delta"].numpy(), op["bias"].numpy(), bool(delta_softplus),
                             *_np(op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"], op["consts"], out, states),
-                            CHUNK)
+                            CHUNK, numba.get_num_threads())
     return out.to(u.dtype), states
 
 
@@ -104,7 +105,7 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         op["delta"].numpy(), op["bias"].numpy(), bool(delta_softplus),
         *_np(op["u"], op["z"], op["At"], op["Bt"], op["Ct"], op["D"], _dense(dout, dtype), _dense(states, dtype),
              op["consts"]),
-        CHUNK, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC))
+        CHUNK, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC), numba.get_num_threads())
 
     def reduced(partial: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
         return None if like is None else (partial[0] if len(partial) == 1 else partial.sum(0)).to(like.dtype)

@@ -142,6 +142,24 @@ def _tile(chunk, dtype):
     return np.zeros((chunk, LANES), dtype=dtype)
 
 
+@njit
+def _clear(*arrays):
+    """Zero every array given (``(chunk, LANES)`` tiles or ``(n, LANES)`` buffers)."""
+    for x in arrays:
+        x[:] = 0
+
+
+@njit(inline="always")
+def _load_block(At, D, bias, d0, width, a_blk, d_blk, bias_blk):
+    """A block's ``A``, ``D`` and bias lanes from channel ``d0``; lanes past ``width`` are padding, 0."""
+    a_blk[:] = 0
+    d_blk[:] = 0
+    bias_blk[:] = 0
+    a_blk[:, :width] = At[:, d0:d0 + width]
+    d_blk[:width] = D[d0:d0 + width]
+    bias_blk[:width] = bias[d0:d0 + width]
+
+
 @njit(inline="always")
 def _gather(src, bi, d0, width, t0, steps, tile):
     """``tile[j, w] = src[bi, d0 + w, t0 + j]``: a chunk of ``width`` channel rows into a time-major tile
@@ -164,7 +182,7 @@ def _scatter(tile, bi, d0, width, t0, steps, dst):
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, out, states, chunk):
+def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, out, states, chunk, threads):
     """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c, :, d] = h`` entering chunk ``c``.
 
     ``dt = softplus(delta + bias)`` (``apply_softplus``) or ``delta + bias`` is formed per tile, so no
@@ -173,7 +191,9 @@ def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, ou
     ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, ceil(l / chunk), n, d)`` (size 0 on the chunk axis to
     keep none), ``consts = (-lo, tiny, 0, 1)`` (typed constants: a Python literal would promote fp32
     arithmetic to fp64). Per chunk, the inputs are gathered into time-major ``(chunk, LANES)`` tiles, the
-    steps run on the tiles, and the output tile is scattered back.
+    steps run on the tiles, and the output tile is scattered back. The ``batch * blocks`` jobs run as
+    ``threads`` contiguous runs (numba's thread count), one per ``prange`` iteration, and each run makes its
+    buffers once: made per job, their allocation and zeroing cost as much as a short job's steps.
     """
     batch, dim, length = u.shape
     n = At.shape[0]
@@ -181,50 +201,54 @@ def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, ou
     keep = states.shape[1] > 0
     gated = z.shape[2] > 0
     neg_lo, tiny, zero, one = consts[0], consts[1], consts[2], consts[3]
-    for job in prange(batch * n_blocks):
-        bi, d0, width = _block(job, n_blocks, dim)
+    jobs = batch * n_blocks
+    workers = max(min(threads, jobs), 1)
+    for worker in prange(workers):  # one contiguous run of jobs per thread, with its buffers made once
         h = np.zeros((n, LANES), dtype=u.dtype)
         a_blk = np.zeros((n, LANES), dtype=u.dtype)
-        a_blk[:, :width] = At[:, d0:d0 + width]
         d_blk = np.zeros(LANES, dtype=u.dtype)
-        d_blk[:width] = D[d0:d0 + width]
         bias_blk = np.zeros(LANES, dtype=u.dtype)
-        bias_blk[:width] = bias[d0:d0 + width]
         dt_t, u_t, z_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         dtv, dtu, acc = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
-        for t0 in range(0, length, chunk):
-            steps = min(length - t0, chunk)
-            if keep:
-                states[bi, t0 // chunk, :, d0:d0 + width] = h[:, :width]
-            _gather(delta, bi, d0, width, t0, steps, dt_t)
-            _delta_tile(dt_t, bias_blk, steps, apply_softplus)
-            _gather(u, bi, d0, width, t0, steps, u_t)
-            for j in range(steps):
-                t = t0 + j
-                for w in range(LANES):
-                    dtv[w] = dt_t[j, w]
-                    dtu[w] = dt_t[j, w] * u_t[j, w]
-                    acc[w] = d_blk[w] * u_t[j, w]
-                for k in range(n):
-                    bk = Bt[bi, t, k]
-                    ck = Ct[bi, t, k]
-                    for w in range(LANES):
-                        hk = decay(dtv[w] * a_blk[k, w], neg_lo) * h[k, w] + dtu[w] * bk
-                        hk = hk if abs(hk) >= tiny else zero
-                        h[k, w] = hk
-                        acc[w] += hk * ck
-                y_t[j, :] = acc
-            if gated:
-                _gather(z, bi, d0, width, t0, steps, z_t)
+        for job in range(worker * jobs // workers, (worker + 1) * jobs // workers):
+            bi, d0, width = _block(job, n_blocks, dim)
+            h[:] = zero
+            _load_block(At, D, bias, d0, width, a_blk, d_blk, bias_blk)
+            if width < LANES:  # a partial block after full ones: its padding lanes must read u = 0 again
+                _clear(dt_t, u_t, z_t, y_t)
+            for t0 in range(0, length, chunk):
+                steps = min(length - t0, chunk)
+                if keep:
+                    states[bi, t0 // chunk, :, d0:d0 + width] = h[:, :width]
+                _gather(delta, bi, d0, width, t0, steps, dt_t)
+                _delta_tile(dt_t, bias_blk, steps, apply_softplus)
+                _gather(u, bi, d0, width, t0, steps, u_t)
                 for j in range(steps):
+                    t = t0 + j
                     for w in range(LANES):
-                        y_t[j, w] *= z_t[j, w] * sigmoid(z_t[j, w], one)
-            _scatter(y_t, bi, d0, width, t0, steps, out)
+                        dtv[w] = dt_t[j, w]
+                        dtu[w] = dt_t[j, w] * u_t[j, w]
+                        acc[w] = d_blk[w] * u_t[j, w]
+                    for k in range(n):
+                        bk = Bt[bi, t, k]
+                        ck = Ct[bi, t, k]
+                        for w in range(LANES):
+                            hk = decay(dtv[w] * a_blk[k, w], neg_lo) * h[k, w] + dtu[w] * bk
+                            hk = hk if abs(hk) >= tiny else zero
+                            h[k, w] = hk
+                            acc[w] += hk * ck
+                    y_t[j, :] = acc
+                if gated:
+                    _gather(z, bi, d0, width, t0, steps, z_t)
+                    for j in range(steps):
+                        for w in range(LANES):
+                            y_t[j, w] *= z_t[j, w] * sigmoid(z_t[j, w], one)
+                _scatter(y_t, bi, d0, width, t0, steps, out)
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, states, consts, chunk,
-                    du, ddt, dz, dA, dD, ddelta_bias, dB, dC):
+                    du, ddt, dz, dA, dD, ddelta_bias, dB, dC, threads):
     """Adjoint of :func:`scan_fwd_kernel`, recomputing each chunk's states from ``states``.
 
     Inputs as the forward, plus ``dout: (b, d, l)``. Writes ``du, ddt, dz: (b, d, l)`` (``ddt`` w.r.t.
@@ -232,7 +256,8 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
     ``dD, ddelta_bias: (b, d)``, and per-block sums ``dB, dC: (blocks, b, l, n)``: job (row, block) writes
     its own slice only, so the jobs run in parallel without races. With ``dy = dout silu(z)``, ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}`` and
     ``x_t = g_t a_t h_{t-1}``: ``du = dt sum_n g B + D dy``, ``ddt = u sum_n g B + sum_n x A``,
-    ``dB_t = sum_d g dt u``, ``dC_t = sum_d h dy``, ``dA = sum_t x dt``. Tiles as in the forward.
+    ``dB_t = sum_d g dt u``, ``dC_t = sum_d h dy``, ``dA = sum_t x dt``. Tiles and runs of jobs as in
+    the forward.
     """
     batch, dim, length = u.shape
     n = At.shape[0]
@@ -240,17 +265,14 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
     n_blocks = (dim + LANES - 1) // LANES
     gated = z.shape[2] > 0
     neg_lo, tiny, zero, one = consts[0], consts[1], consts[2], consts[3]
-    for job in prange(batch * n_blocks):
-        bi, d0, width = _block(job, n_blocks, dim)
-        blk = job % n_blocks
+    jobs = batch * n_blocks
+    workers = max(min(threads, jobs), 1)
+    for worker in prange(workers):  # one contiguous run of jobs per thread, with its buffers made once
         hist = np.zeros((chunk + 1, n, LANES), dtype=u.dtype)  # h entering the chunk, then h_t per step
         decays = np.zeros((chunk, n, LANES), dtype=u.dtype)
         a_blk = np.zeros((n, LANES), dtype=u.dtype)
-        a_blk[:, :width] = At[:, d0:d0 + width]
         d_blk = np.zeros(LANES, dtype=u.dtype)
-        d_blk[:width] = D[d0:d0 + width]
         bias_blk = np.zeros(LANES, dtype=u.dtype)
-        bias_blk[:width] = bias[d0:d0 + width]
         ga = np.zeros((n, LANES), dtype=u.dtype)  # a_{t+1} g_{t+1}, carried backwards across chunks
         da = np.zeros((n, LANES), dtype=u.dtype)
         dd_acc = np.zeros(LANES, dtype=u.dtype)
@@ -264,90 +286,100 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
         raw_t, dout_t, dtu_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         dy_t, zs_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         sb_t, sa_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype)
-        for c in range(n_chunks - 1, -1, -1):
-            t0 = c * chunk
-            steps = min(length, t0 + chunk) - t0
-            _gather(delta, bi, d0, width, t0, steps, raw_t)
-            _delta_tile(raw_t, bias_blk, steps, False)  # delta + bias: the softplus's argument
-            for j in range(steps):
-                for w in range(LANES):
-                    dt_t[j, w] = softplus(raw_t[j, w]) if apply_softplus else raw_t[j, w]
-            _gather(u, bi, d0, width, t0, steps, u_t)
-            _gather(dout, bi, d0, width, t0, steps, dout_t)
-            if gated:
-                _gather(z, bi, d0, width, t0, steps, z_t)
-            for j in range(steps):
-                for w in range(LANES):
-                    dtu_t[j, w] = dt_t[j, w] * u_t[j, w]
-                    if gated:
-                        zs_t[j, w] = sigmoid(z_t[j, w], one)
-                        dy_t[j, w] = dout_t[j, w] * z_t[j, w] * zs_t[j, w]
-                    else:
-                        dy_t[j, w] = dout_t[j, w]
-            hist[0, :, :width] = states[bi, c, :, d0:d0 + width]
-            for j in range(steps):  # recompute the chunk's decays, states and pre-gate output
-                t = t0 + j
-                for w in range(LANES):
-                    dtv[w] = dt_t[j, w]
-                    dtu[w] = dtu_t[j, w]
-                    acc[w] = zero
-                for k in range(n):
-                    bk = Bt[bi, t, k]
-                    ck = Ct[bi, t, k]
+        for job in range(worker * jobs // workers, (worker + 1) * jobs // workers):
+            bi, d0, width = _block(job, n_blocks, dim)
+            blk = job % n_blocks
+            _clear(ga, da)
+            dd_acc[:] = zero
+            dbias_acc[:] = zero
+            _load_block(At, D, bias, d0, width, a_blk, d_blk, bias_blk)
+            if width < LANES:  # a partial block after full ones: its padding lanes must read u = dout = 0 again
+                _clear(dt_t, u_t, z_t, raw_t, dout_t, dtu_t, dy_t, zs_t, y_t, sb_t, sa_t)
+                hist[0] = zero
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * chunk
+                steps = min(length, t0 + chunk) - t0
+                _gather(delta, bi, d0, width, t0, steps, raw_t)
+                _delta_tile(raw_t, bias_blk, steps, False)  # delta + bias: the softplus's argument
+                for j in range(steps):
                     for w in range(LANES):
-                        a = decay(dtv[w] * a_blk[k, w], neg_lo)
-                        decays[j, k, w] = a
-                        hk = a * hist[j, k, w] + dtu[w] * bk
-                        hk = hk if abs(hk) >= tiny else zero
-                        hist[j + 1, k, w] = hk
-                        acc[w] += hk * ck
-                y_t[j, :] = acc
-            for j in range(steps - 1, -1, -1):  # the adjoint, backwards
-                t = t0 + j
-                for w in range(LANES):
-                    dtv[w] = dt_t[j, w]
-                    dtu[w] = dtu_t[j, w]
-                    dyv[w] = dy_t[j, w]
-                    acc[w] = zero
-                    acc2[w] = zero
-                for k in range(n):
-                    bk = Bt[bi, t, k]
-                    ck = Ct[bi, t, k]
-                    db = zero
-                    dc = zero
+                        dt_t[j, w] = softplus(raw_t[j, w]) if apply_softplus else raw_t[j, w]
+                _gather(u, bi, d0, width, t0, steps, u_t)
+                _gather(dout, bi, d0, width, t0, steps, dout_t)
+                if gated:
+                    _gather(z, bi, d0, width, t0, steps, z_t)
+                for j in range(steps):
                     for w in range(LANES):
-                        gk = ga[k, w] + ck * dyv[w]
-                        gk = gk if abs(gk) >= tiny else zero
-                        dc += hist[j + 1, k, w] * dyv[w]
-                        db += gk * dtu[w]
-                        acc[w] += gk * bk
-                        gak = gk * decays[j, k, w]
-                        xk = gak * hist[j, k, w]
-                        acc2[w] += xk * a_blk[k, w]
-                        da[k, w] += xk * dtv[w]
-                        ga[k, w] = gak
-                    dB[blk, bi, t, k] = db
-                    dC[blk, bi, t, k] = dc
-                sb_t[j, :] = acc
-                sa_t[j, :] = acc2
-            for j in range(steps):  # the elementwise epilogue; the tiles are reused for the results
-                for w in range(LANES):
-                    uv = u_t[j, w]
-                    dy_w = dy_t[j, w]
-                    dd_acc[w] += dy_w * uv
-                    gdt = uv * sb_t[j, w] + sa_t[j, w]
-                    if apply_softplus:
-                        gdt *= sigmoid(raw_t[j, w], one)
-                    dbias_acc[w] += gdt
-                    if gated:
-                        zs = zs_t[j, w]
-                        z_t[j, w] = dout_t[j, w] * (y_t[j, w] + d_blk[w] * uv) * zs * (one + z_t[j, w] * (one - zs))
-                    u_t[j, w] = dt_t[j, w] * sb_t[j, w] + d_blk[w] * dy_w
-                    dt_t[j, w] = gdt
-            _scatter(u_t, bi, d0, width, t0, steps, du)
-            _scatter(dt_t, bi, d0, width, t0, steps, ddt)
-            if gated:
-                _scatter(z_t, bi, d0, width, t0, steps, dz)
-        dA[bi, :, d0:d0 + width] = da[:, :width]
-        dD[bi, d0:d0 + width] = dd_acc[:width]
-        ddelta_bias[bi, d0:d0 + width] = dbias_acc[:width]
+                        dtu_t[j, w] = dt_t[j, w] * u_t[j, w]
+                        if gated:
+                            zs_t[j, w] = sigmoid(z_t[j, w], one)
+                            dy_t[j, w] = dout_t[j, w] * z_t[j, w] * zs_t[j, w]
+                        else:
+                            dy_t[j, w] = dout_t[j, w]
+                hist[0, :, :width] = states[bi, c, :, d0:d0 + width]
+                for j in range(steps):  # recompute the chunk's decays, states and pre-gate output
+                    t = t0 + j
+                    for w in range(LANES):
+                        dtv[w] = dt_t[j, w]
+                        dtu[w] = dtu_t[j, w]
+                        acc[w] = zero
+                    for k in range(n):
+                        bk = Bt[bi, t, k]
+                        ck = Ct[bi, t, k]
+                        for w in range(LANES):
+                            a = decay(dtv[w] * a_blk[k, w], neg_lo)
+                            decays[j, k, w] = a
+                            hk = a * hist[j, k, w] + dtu[w] * bk
+                            hk = hk if abs(hk) >= tiny else zero
+                            hist[j + 1, k, w] = hk
+                            acc[w] += hk * ck
+                    y_t[j, :] = acc
+                for j in range(steps - 1, -1, -1):  # the adjoint, backwards
+                    t = t0 + j
+                    for w in range(LANES):
+                        dtv[w] = dt_t[j, w]
+                        dtu[w] = dtu_t[j, w]
+                        dyv[w] = dy_t[j, w]
+                        acc[w] = zero
+                        acc2[w] = zero
+                    for k in range(n):
+                        bk = Bt[bi, t, k]
+                        ck = Ct[bi, t, k]
+                        db = zero
+                        dc = zero
+                        for w in range(LANES):
+                            gk = ga[k, w] + ck * dyv[w]
+                            gk = gk if abs(gk) >= tiny else zero
+                            dc += hist[j + 1, k, w] * dyv[w]
+                            db += gk * dtu[w]
+                            acc[w] += gk * bk
+                            gak = gk * decays[j, k, w]
+                            xk = gak * hist[j, k, w]
+                            acc2[w] += xk * a_blk[k, w]
+                            da[k, w] += xk * dtv[w]
+                            ga[k, w] = gak
+                        dB[blk, bi, t, k] = db
+                        dC[blk, bi, t, k] = dc
+                    sb_t[j, :] = acc
+                    sa_t[j, :] = acc2
+                for j in range(steps):  # the elementwise epilogue; the tiles are reused for the results
+                    for w in range(LANES):
+                        uv = u_t[j, w]
+                        dy_w = dy_t[j, w]
+                        dd_acc[w] += dy_w * uv
+                        gdt = uv * sb_t[j, w] + sa_t[j, w]
+                        if apply_softplus:
+                            gdt *= sigmoid(raw_t[j, w], one)
+                        dbias_acc[w] += gdt
+                        if gated:
+                            zs = zs_t[j, w]
+                            z_t[j, w] = dout_t[j, w] * (y_t[j, w] + d_blk[w] * uv) * zs * (one + z_t[j, w] * (one - zs))
+                        u_t[j, w] = dt_t[j, w] * sb_t[j, w] + d_blk[w] * dy_w
+                        dt_t[j, w] = gdt
+                _scatter(u_t, bi, d0, width, t0, steps, du)
+                _scatter(dt_t, bi, d0, width, t0, steps, ddt)
+                if gated:
+                    _scatter(z_t, bi, d0, width, t0, steps, dz)
+            dA[bi, :, d0:d0 + width] = da[:, :width]
+            dD[bi, d0:d0 + width] = dd_acc[:width]
+            ddelta_bias[bi, d0:d0 + width] = dbias_acc[:width]

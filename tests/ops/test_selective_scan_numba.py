@@ -35,11 +35,36 @@ def test_fp32_matches_ref_every_option(present: tuple[bool, ...], softplus: bool
     assert_matches_ref(inputs, softplus, torch.float32, fn=numba_backend)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 4, 2, 16), (3, 5, 130, 16), (1, 2, 4096, 4)],
+@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 4, 2, 16), (3, 5, 130, 16), (1, 2, 4096, 4), (3, 40, 70, 4)],
                          ids=lambda s: "b{}-d{}-l{}-n{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_ref_shapes(shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    # d = 40: a full block of 32 channels and a partial one of 8 per batch row, so that each thread's
+    # buffers go from a full block to a partial one and back (the padding lanes must read zeros again)
     assert_matches_ref(make_inputs(*shape), True, dtype, fn=numba_backend)
+
+
+def test_all_threads_give_what_one_thread_gives() -> None:
+    """Jobs are split into one contiguous run per thread, each thread with its own buffers: all of numba's
+    threads and a single one give bit-identical outputs and gradients (b = 5, d = 40: ten jobs, full and
+    partial channel blocks in turn)."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    inputs = {k: v.float() for k, v in make_inputs(5, 40, 45, 4).items()}
+    before = numba.get_num_threads()
+    results = []
+    for count in (numba.config.NUMBA_NUM_THREADS, 1):
+        numba.set_num_threads(count)
+        try:
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+            y = numba_backend(*(leaves.get(k) for k in NAMES), delta_softplus=True)
+            y.backward(torch.ones_like(y))
+            results.append([y.detach()] + [leaves[k].grad for k in sorted(leaves)])
+        finally:
+            numba.set_num_threads(before)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_fp64_without_options_matches_ref() -> None:
