@@ -286,8 +286,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     body = "\n".join([
         SECTION, "",
         f"Produced by `{command}` ({minutes:.1f} min) on {machine()}, numba threads {args.threads}. 1-minute "
-        f"load average before and after (1, 5, 15 min): {load}; other processes share the cores, so read "
-        "ratios within a row, not absolute times across runs.", "",
+        f"load average before and after (1, 5, 15 min): {load} (the after figure counts this run's own threads). "
+        "The same code's times drift by up to 45% between runs on this machine, so read ratios within a row, "
+        "not absolute times across runs.", "",
         f"fp32, n = {N_STATE}, `delta_softplus=True` with `D`, `z` and `delta_bias` (the network's call). "
         f"Medians of {repeats} repeats after a warm-up (the oracle: the repeats given in the script, no "
         "warm-up, in a fresh process; — where it was not tried (minutes; at l = 26880 its backward does not "
