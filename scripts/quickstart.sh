@@ -6,13 +6,13 @@
 # Smaller runs (the test suite's): LKM_DEMO_NUM_TRAIN, LKM_DEMO_NUM_TEST, LKM_DEMO_TRAINER.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$repo/scripts/setup_env.sh"
-
 work="${LKM_DEMO_DIR:-$repo/demo_work}"
-if [ -e "$work" ] && [ ! -f "$work/.lkm-unet-demo" ]; then
+if [ -e "$work" ] && [ ! -f "$work/.lkm-unet-demo" ]; then  # refused before the set-up, not after it
   echo "error: $work exists and was not made by this script; set LKM_DEMO_DIR to another folder" >&2
   exit 2
 fi
+source "$repo/scripts/setup_env.sh"
+
 rm -rf "$work"
 mkdir -p "$work"
 touch "$work/.lkm-unet-demo"
