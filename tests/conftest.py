@@ -12,11 +12,9 @@ FIRST = (PLANNED, "tests/scripts/test_quickstart.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(name=_group(item)))
-    # stable: the order within each group stays
-    items.sort(key=lambda item: FIRST.index(_group(item)) if _group(item) in FIRST else len(FIRST))
-
-
-def _group(item):
-    return PLANNED if "planned" in item.fixturenames else item.nodeid.split("::")[0]
+        group = PLANNED if "planned" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(name=group))
+        rank[item.nodeid] = FIRST.index(group) if group in FIRST else len(FIRST)
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: the order within each group stays
