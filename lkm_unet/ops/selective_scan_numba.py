@@ -48,7 +48,6 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     and apply the softplus per tile. An absent ``z`` is an empty ``(b, d, 0)`` array, absent ``D`` and
     ``delta_bias`` zeros."""
     dtype = _compute_dtype(u)
-    lo, tiny = kernels.FLUSH[torch.empty(0, dtype=dtype).numpy().dtype]
     batch, dim, _ = u.shape
     return {
         "delta": _dense(delta, dtype), "u": _dense(u, dtype),
@@ -56,7 +55,7 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
         "z": torch.empty(batch, dim, 0, dtype=dtype) if z is None else _dense(z, dtype),
         "At": _dense(A.t(), dtype), "Bt": _dense(B.transpose(1, 2), dtype), "Ct": _dense(C.transpose(1, 2), dtype),
         "D": torch.zeros(dim, dtype=dtype) if D is None else _dense(D, dtype),
-        "consts": torch.tensor([-lo, tiny, 0.0, 1.0], dtype=dtype),
+        "consts": torch.tensor([0.0, 1.0], dtype=dtype),
     }
 
 

@@ -170,6 +170,51 @@ def test_decaying_states_never_become_denormal() -> None:
     torch.testing.assert_close(y, y_ref, **tolerance(torch.float32, "y"))
 
 
+def test_callers_floating_point_mode_is_untouched() -> None:
+    """The kernels turn on flush-to-zero only while their own runs last: after a forward and a backward on
+    every numba thread, numpy and torch in this thread and a numba loop on the same threads still give the
+    denormal 1e-38 for the normal 2e-38 halved, not 0."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True)
+    def halve_on_every_thread(x):
+        out = np.empty_like(x)
+        for i in numba.prange(x.shape[0]):
+            out[i] = x[i] * np.float32(0.5)
+        return out
+
+    assert numba.get_num_threads() >= 2
+    inputs = {k: v.float().requires_grad_() for k, v in make_inputs(4, 64, 100, 16).items()}  # 8 jobs
+    numba_backend(*(inputs[k] for k in NAMES), delta_softplus=True).sum().backward()
+    tiny = np.float32(2e-38)  # above the smallest normal, 1.18e-38
+    assert tiny * np.float32(0.5) != 0
+    assert bool((torch.full((8,), 2e-38) * 0.5 != 0).all())
+    halved = halve_on_every_thread(np.full(64 * numba.get_num_threads(), tiny))
+    assert bool((halved != 0).all()), f"{int((halved == 0).sum())} of {halved.size} flushed"
+
+
+def test_fp_mode_switch_is_a_no_op_off_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU has no MXCSR the mode switch compiles to nothing: it returns 0 and a following
+    multiply still gives a denormal."""
+    import numba
+    import numpy as np
+
+    from lkm_unet.ops import selective_scan_numba_kernels as kernels
+
+    monkeypatch.setattr(kernels, "_X86", False)
+
+    @numba.njit
+    def halve_between_switches(x):
+        mode = kernels.denormals_off()
+        out = x * np.float32(0.5)
+        kernels.restore_fp_mode(mode)
+        return mode, out
+
+    mode, out = halve_between_switches(np.float32(2e-38))
+    assert mode == 0 and out != 0
+
+
 def test_no_grad_forward_equals_training_forward() -> None:
     inputs = {k: v.float() for k, v in make_inputs(2, 8, 100, 16).items()}
     with torch.no_grad():
