@@ -66,7 +66,7 @@ class LKMUNetTrainer(nnUNetTrainer):
             f"deep supervision {'on' if self.enable_deep_supervision else 'off'}; mixed precision "
             + ("allowed on cuda" if self.lkm_allow_autocast else "off (the whole network in fp32)"))
         if self.device.type == "cpu" and backend == "torch":
-            # The numba kernel flushes its own tiny states; the torch scan's decaying states drift into the
+            # The numba kernel sets flush-to-zero in its own threads; the torch scan's decaying states drift into the
             # denormal range, which made early CPU training steps 4-5x slower. Set for this process only.
             torch.set_flush_denormal(True)
             self.print_to_log_file("CPU scan backend is torch (numba not usable): flush-to-zero for denormal "
