@@ -37,7 +37,15 @@ from lkm_unet.ops.selective_scan_torch import selective_scan_torch  # noqa: E402
 selective_scan_numba = functools.partial(selective_scan, backend="numba")
 
 N_STATE = 16
-ARITHMETIC_NS = 0.27  # ns per b d l n element, fwd+bwd, 2 cores (SCAN-FACTS: flops at the measured peak)
+# The scan's fp32 flops per b d l n element, an exp counted as 12. Forward 18: dt A (1), exp (12),
+# a h + dt u B (3), C h into the output (2). Backward 32: the recompute (18 again), then the adjoint's
+# C dy + a g (2), sums into dB, du, ddelta, dA and dC (2 each, 10), a g and x = a g h (2).
+FLOPS_PER_ELEMENT = 50
+# A fixed fp32 peak measured once on this machine type (matrix multiply, 2 threads), which the earlier
+# tables' floor used: 50 flops at it are 0.27 ns per element. The table now takes the floor at the peak
+# measured in turn with each row's scans, and keeps this one's ratio beside it.
+REFERENCE_GFLOPS = 182.0
+PEAK_SIZE = 2048  # square fp32 matrix multiply timed for the peak
 SECTION = "## Selective scan (CPU)"
 # (b, d, l) and how often to time the oracle's fwd+bwd (0: not tried; about 100 s at (64, 64, 1600) on an
 # idle machine, and at l = 26880 its backward does not finish)
@@ -84,19 +92,45 @@ def moved_elements(b: int, d: int, l: int) -> int:
     return 11 * b * d * l + 6 * b * N_STATE * l
 
 
-def floors_ms(b: int, d: int, l: int, repeats: int) -> tuple[float, float]:
-    """(bytes-moved floor, eager floor) for fwd+bwd, both measured here and now.
+def rotated_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each function once per round, for ``repeats`` rounds after a warm-up round: every function's times
+    (ms). Run in turn like this, a drift of the machine during the rounds reaches every function alike,
+    so ratios between them hold where absolute times drift."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
-    Bytes moved: a copy of moved_elements / 2 fp32 elements (a copy reads and writes each element once).
-    Eager: torch.exp over b d l n elements into a preallocated output, twice (forward and backward).
-    """
+
+def matmul() -> Callable[[], object]:
+    """A ``PEAK_SIZE`` square fp32 matrix multiply into a preallocated output: the peak's measure."""
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
+    out = torch.empty(PEAK_SIZE, PEAK_SIZE)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def gflops(matmul_ms: list[float]) -> float:
+    """The fp32 peak in GFLOP/s from timed ``matmul()`` calls: the fastest of them (a higher peak only
+    lowers the floor)."""
+    return 2 * PEAK_SIZE ** 3 / (min(matmul_ms) * 1e6)
+
+
+def arithmetic_floor_ms(b: int, d: int, l: int, gflops: float) -> float:
+    """fwd+bwd flops of a (b, d, l) scan at ``gflops``, in ms."""
+    return FLOPS_PER_ELEMENT * b * d * l * N_STATE / (gflops * 1e6)
+
+
+def copy_floor_ms(b: int, d: int, l: int, repeats: int) -> float:
+    """The bytes-moved floor for fwd+bwd, measured here and now: a copy of moved_elements / 2 fp32
+    elements (a copy reads and writes each element once)."""
     src = torch.rand(moved_elements(b, d, l) // 2)
     dst = torch.empty_like(src)
-    copy = median_ms(lambda: dst.copy_(src), repeats)
-    del src, dst
-    x = torch.rand(b * d * l * N_STATE)
-    out = torch.empty_like(x)
-    return copy, 2 * median_ms(lambda: torch.exp(x, out=out), repeats)
+    return median_ms(lambda: dst.copy_(src), repeats)
 
 
 _PEAK_SCRIPT = """
@@ -150,21 +184,32 @@ def ref_ms(b: int, d: int, l: int, repeats: int, threads: int, limit_s: float) -
 
 def bench_shape(shape: tuple[int, int, int], ref_repeats: int, repeats: int, threads: int,
                 ref_limit_s: float, fused: bool) -> dict:
+    """One row: the scans' fwd, then their fwd+bwd in one rotation with the two floors' measures
+    (``torch.exp`` over b d l n elements, the peak's matrix multiply), so that a row's ratios compare
+    times taken in turn."""
     b, d, l = shape
     inputs = make_inputs(b, d, l)
     dy = torch.randn(b, d, l, generator=torch.Generator().manual_seed(1))
-    row = {"shape": shape}
-    for name, scan in (("torch", selective_scan_torch), ("numba", selective_scan_numba)):
-        if name == "numba" and not fused:
-            row["numba_fwd"] = row["numba"] = row["numba_peak_mib"] = None
-            continue
-        with torch.no_grad():
-            row[f"{name}_fwd"] = median_ms(lambda: scan(*inputs, delta_softplus=True), repeats)
-        row[name] = median_ms(lambda: training_step(scan, inputs, dy), repeats)
+    scans = {"torch": selective_scan_torch, **({"numba": selective_scan_numba} if fused else {})}
+    with torch.no_grad():
+        fwd = rotated_ms({name: functools.partial(scan, *inputs, delta_softplus=True)
+                          for name, scan in scans.items()}, repeats)
+    x = torch.rand(b * d * l * N_STATE)
+    exp_out = torch.empty_like(x)
+    both = rotated_ms({**{name: functools.partial(training_step, scan, inputs, dy) for name, scan in scans.items()},
+                       "exp": lambda: torch.exp(x, out=exp_out), "matmul": matmul()}, repeats)
+    del x, exp_out
+    row = {"shape": shape, "numba_fwd": None, "numba": None, "numba_peak_mib": None}
+    for name in scans:
+        row[f"{name}_fwd"] = statistics.median(fwd[name])
+        row[name] = statistics.median(both[name])
         row[f"{name}_peak_mib"] = peak_memory_mib(b, d, l, threads, f"selective_scan_{name}")
+    row["eager"] = 2 * statistics.median(both["exp"])  # the decay's exponentials, forward and backward
+    row["gflops"] = gflops(both["matmul"])
+    row["arithmetic"] = arithmetic_floor_ms(b, d, l, row["gflops"])
+    row["arithmetic_ref"] = arithmetic_floor_ms(b, d, l, REFERENCE_GFLOPS)
+    row["copy"] = copy_floor_ms(b, d, l, repeats)
     row["ref"] = ref_ms(b, d, l, ref_repeats, threads, ref_limit_s) if ref_repeats else None
-    row["copy"], row["eager"] = floors_ms(b, d, l, repeats)
-    row["arithmetic"] = ARITHMETIC_NS * 1e-6 * b * d * l * N_STATE
     return row
 
 
@@ -178,14 +223,16 @@ def _ratio(a: Optional[float], b: Optional[float], digits: int = 1) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| shape (b, d, l) | ref fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | numba fwd ms "
-             "| numba fwd+bwd ms | numba vs torch | arithmetic floor ms | numba x arithmetic | eager floor ms "
+             "| numba fwd+bwd ms | numba vs torch | peak GFLOP/s | arithmetic floor ms | numba x arithmetic "
+             f"| numba x arithmetic at {REFERENCE_GFLOPS:.0f} GFLOP/s | eager floor ms "
              "| numba x eager | torch x eager | peak extra MiB torch / numba |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| ({', '.join(map(str, r['shape']))}) | {_ms(r['ref'], 0)} | {_ms(r['torch_fwd'])} | {_ms(r['torch'])} "
             f"| {_ms(r['numba_fwd'])} | {_ms(r['numba'])} | {_ratio(r['torch'], r['numba'])} "
-            f"| {r['arithmetic']:.2f} | {_ratio(r['numba'], r['arithmetic'])} | {r['eager']:.1f} "
+            f"| {r['gflops']:.0f} | {r['arithmetic']:.2f} | {_ratio(r['numba'], r['arithmetic'])} "
+            f"| {_ratio(r['numba'], r['arithmetic_ref'])} | {r['eager']:.1f} "
             f"| {_ratio(r['numba'], r['eager'])} | {_ratio(r['torch'], r['eager'])} "
             f"| {_ms(r['torch_peak_mib'], 0)} / {_ms(r['numba_peak_mib'], 0)} |")
     return "\n".join(lines)
@@ -282,23 +329,33 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(where, flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = "python scripts/benchmark_scan.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    peaks = [r["gflops"] for r in rows]
+    peak_range = f"{min(peaks):.0f}-{max(peaks):.0f}" if peaks else "—"
     load = ", ".join(f"{a:.1f}" for a in load_before) + " -> " + ", ".join(f"{a:.1f}" for a in os.getloadavg())
     body = "\n".join([
         SECTION, "",
         f"Produced by `{command}` ({minutes:.1f} min) on {machine()}, numba threads {args.threads}. 1-minute "
         f"load average before and after (1, 5, 15 min): {load} (the after figure counts this run's own threads). "
-        "The same code's times drift by up to 45% between runs on this machine, so read ratios within a row, "
-        "not absolute times across runs.", "",
+        "The same code's times drift by up to 45% between runs on this machine, and its fp32 peak is not "
+        f"fixed either ({peak_range} GFLOP/s across the rows below, against {REFERENCE_GFLOPS:.0f} measured "
+        "once earlier), so read ratios within a row, not absolute times across runs.", "",
         f"fp32, n = {N_STATE}, `delta_softplus=True` with `D`, `z` and `delta_bias` (the network's call). "
-        f"Medians of {repeats} repeats after a warm-up (the oracle: the repeats given in the script, no "
-        "warm-up, in a fresh process; — where it was not tried (minutes; at l = 26880 its backward does not "
-        f"finish) or did not finish within {args.ref_limit:.0f} s). fwd is under `torch.no_grad()`; "
+        f"Medians of {repeats} repeats after a warm-up, a row's timings taken in turn (torch, numba, the "
+        "eager floor's exp, the peak's matrix multiply, then again) so that a drift reaches them alike (the "
+        "oracle: the repeats given in the script, no warm-up, in a fresh process; — where it was not tried "
+        "(minutes; at l = 26880 its backward does not finish) or did not finish within "
+        f"{args.ref_limit:.0f} s). fwd is under `torch.no_grad()`; "
         "fwd+bwd is one forward and `backward()` of every input's gradient.", "",
-        f"- arithmetic floor: {ARITHMETIC_NS} ns per b d l n element for fwd+bwd (the scan's flops, an exp "
-        "counted as 12, at the 2-core machine's measured fp32 peak).",
-        "- eager floor: `torch.exp` over b d l n fp32 elements into a preallocated output, timed in the same "
-        "run, x2 for fwd+bwd (the decay exp(dt A) is needed once in the forward and once in the recomputing "
-        "backward).",
+        f"- arithmetic floor: the scan's {FLOPS_PER_ELEMENT} fp32 flops per b d l n element for fwd+bwd (an exp "
+        "counted as 12; `FLOPS_PER_ELEMENT` in the script counts them) at peak GFLOP/s, the fp32 peak measured "
+        f"in the same row: the fastest of the row's {PEAK_SIZE} x {PEAK_SIZE} matrix multiplies, timed in turn "
+        "with its scans, so that the floor is taken at this machine's peak at the time of the scans rather than "
+        "at another run's. The column at "
+        f"{REFERENCE_GFLOPS:.0f} GFLOP/s uses the fixed peak measured once earlier on this machine type "
+        f"({FLOPS_PER_ELEMENT / REFERENCE_GFLOPS:.3f} ns per element), the floor of the earlier tables.",
+        "- eager floor: `torch.exp` over b d l n fp32 elements into a preallocated output, timed in turn with "
+        "the row's scans, x2 for fwd+bwd (the decay exp(dt A) is needed once in the forward and once in the "
+        "recomputing backward).",
         "- peak extra MiB: growth of the peak resident set size during one fwd+bwd in a fresh process, over "
         "the resident size with the inputs allocated (VmHWM reset through /proc/self/clear_refs).", "",
         table(rows), "",
