@@ -67,14 +67,7 @@ def make_inputs(b: int, d: int, l: int, requires_grad: bool = True) -> list[torc
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(rotated_ms({"fn": fn}, repeats, warmup)["fn"])
 
 
 def training_step(scan: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dy: torch.Tensor) -> None:
@@ -92,12 +85,13 @@ def moved_elements(b: int, d: int, l: int) -> int:
     return 11 * b * d * l + 6 * b * N_STATE * l
 
 
-def rotated_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Each function once per round, for ``repeats`` rounds after a warm-up round: every function's times
-    (ms). Run in turn like this, a drift of the machine during the rounds reaches every function alike,
-    so ratios between them hold where absolute times drift."""
-    for fn in fns.values():
-        fn()
+def rotated_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Each function once per round, for ``repeats`` rounds after ``warmup`` untimed ones: every function's
+    times (ms). Run in turn like this, a drift of the machine during the rounds reaches every function
+    alike, so ratios between them hold where absolute times drift."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -114,7 +108,7 @@ def matmul() -> Callable[[], object]:
     return lambda: torch.mm(a, b, out=out)
 
 
-def gflops(matmul_ms: list[float]) -> float:
+def peak_gflops(matmul_ms: list[float]) -> float:
     """The fp32 peak in GFLOP/s from timed ``matmul()`` calls: the fastest of them (a higher peak only
     lowers the floor)."""
     return 2 * PEAK_SIZE ** 3 / (min(matmul_ms) * 1e6)
@@ -205,7 +199,7 @@ def bench_shape(shape: tuple[int, int, int], ref_repeats: int, repeats: int, thr
         row[name] = statistics.median(both[name])
         row[f"{name}_peak_mib"] = peak_memory_mib(b, d, l, threads, f"selective_scan_{name}")
     row["eager"] = 2 * statistics.median(both["exp"])  # the decay's exponentials, forward and backward
-    row["gflops"] = gflops(both["matmul"])
+    row["gflops"] = peak_gflops(both["matmul"])
     row["arithmetic"] = arithmetic_floor_ms(b, d, l, row["gflops"])
     row["arithmetic_ref"] = arithmetic_floor_ms(b, d, l, REFERENCE_GFLOPS)
     row["copy"] = copy_floor_ms(b, d, l, repeats)
