@@ -154,6 +154,25 @@ def _softplus_impl(x):
     return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
+def softplus_grad(x, one):
+    """``(softplus(x), sigmoid(x))`` in the scan's dtype from one exponential ``e = exp(-|x|)``:
+    ``sigmoid(x) = 1 / (1 + e)`` for ``x >= 0``, ``e / (1 + e)`` below; replaced per dtype below."""
+
+
+@overload(softplus_grad, inline="always", fastmath=True)
+def _softplus_grad_impl(x, one):
+    if x == types.float32:
+        def impl(x, one):
+            e = exp_poly(-abs(x))
+            return max(x, np.float32(0.0)) + log1p_unit(e), (one if x >= 0 else e) / (one + e)
+        return impl
+
+    def impl64(x, one):
+        e = math.exp(-abs(x))
+        return max(x, 0.0) + math.log1p(e), (one if x >= 0 else e) / (one + e)
+    return impl64
+
+
 @njit(inline="always", fastmath=True)
 def _delta_tile(tile, bias_blk, steps, apply_softplus):
     """In place, over a gathered delta tile: ``+ delta_bias``, then the softplus if asked."""
@@ -315,8 +334,8 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
         # one step's lanes: dt, dt u, dout silu(z), and two sums over the state index
         dtv, dtu, dyv = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
         acc, acc2 = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
-        # (chunk, LANES) tiles: inputs, then dt u, dout silu(z) and sigmoid(z), the pre-gate y, sum_n g B,
-        # sum_n x A, and the output gradients
+        # (chunk, LANES) tiles: inputs (raw_t: delta + bias, then the softplus's derivative there), then dt u,
+        # dout silu(z) and sigmoid(z), the pre-gate y, sum_n g B, sum_n x A, and the output gradients
         dt_t, u_t, z_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         raw_t, dout_t, dtu_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
         dy_t, zs_t, y_t = _tile(chunk, u.dtype), _tile(chunk, u.dtype), _tile(chunk, u.dtype)
@@ -336,9 +355,12 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
                 steps = min(length, t0 + chunk) - t0
                 _gather(delta, bi, d0, width, t0, steps, raw_t)
                 _delta_tile(raw_t, bias_blk, steps, False)  # delta + bias: the softplus's argument
-                for j in range(steps):
-                    for w in range(LANES):
-                        dt_t[j, w] = softplus(raw_t[j, w]) if apply_softplus else raw_t[j, w]
+                if apply_softplus:  # dt, and in raw_t the softplus's derivative sigmoid(delta + bias)
+                    for j in range(steps):
+                        for w in range(LANES):
+                            dt_t[j, w], raw_t[j, w] = softplus_grad(raw_t[j, w], one)
+                else:
+                    dt_t[:steps] = raw_t[:steps]
                 _gather(u, bi, d0, width, t0, steps, u_t)
                 _gather(dout, bi, d0, width, t0, steps, dout_t)
                 if gated:
@@ -402,7 +424,7 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
                         dd_acc[w] += dy_w * uv
                         gdt = uv * sb_t[j, w] + sa_t[j, w]
                         if apply_softplus:
-                            gdt *= sigmoid(raw_t[j, w], one)
+                            gdt *= raw_t[j, w]
                         dbias_acc[w] += gdt
                         if gated:
                             zs = zs_t[j, w]
