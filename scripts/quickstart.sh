@@ -27,7 +27,13 @@ else
   # small batches keep a CPU step short; augmentation in-process avoids worker start-up on 2 cores
   device=cpu; plan_args=(--batch-size 4); train_env=(nnUNet_n_proc_DA=0)
 fi
-step() { echo; echo "== $* =="; }
+# step "k/6 what": a header per step; each step's wall time is kept for the summary at the end
+step_names=(); step_secs=()
+end_step() {
+  if [ -n "${step_name:-}" ]; then step_names+=("$step_name"); step_secs+=($(( $(date +%s) - step_start ))); fi
+}
+step() { end_step; step_name="${1%% *}"; step_start=$(date +%s); echo; echo "== $* =="; }
+duration() { if (( $1 >= 60 )); then echo "$(( $1 / 60 )) min $(( $1 % 60 )) s"; else echo "$1 s"; fi; }
 # nnU-Net prints every module it inspects while looking for a trainer; keep the rest (stderr, where the
 # progress bars go, is not filtered). Exit status comes from the nnU-Net command (pipefail).
 hide_lookup() { grep --line-buffered -v -E "^(Searching|  Inspecting|Trainer '|Using trainer|Found class)"; return 0; }
@@ -51,6 +57,11 @@ step "6/6 evaluation (DSC, NSD) and overlays"
 lkm-unet evaluate "$work/predictions" "$raw/labelsTs" --dataset-json "$raw/dataset.json" \
   --output-dir "$work/evaluation"
 lkm-unet overlays "$raw/imagesTs" "$raw/labelsTs" "$work/predictions" "$work/overlays"
+end_step
+per_step=""
+for i in "${!step_names[@]}"; do per_step+="${step_names[$i]} $(duration "${step_secs[$i]}"), "; done
+echo
+echo "time per step: ${per_step%, }"
 python - "$work/evaluation/summary.csv" "$(( $(date +%s) - start ))" <<'PY'
 import csv, sys
 rows = {row["organ"]: row for row in csv.DictReader(open(sys.argv[1]))}

@@ -1,6 +1,7 @@
 """The README's main command, scripts/quickstart.sh, end to end: small in CI, full size under -m slow."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,18 @@ def test_quickstart_small(tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo" / "overlays").glob("*.png")) == \
         ["demo_0005.png", "demo_0006.png"]
     assert (tmp_path / "demo" / ".lkm-unet-demo").is_file()
+    # each step's wall time, in order, adding up to the total (whole seconds: one second per step at most)
+    per_step = re.search(r"^time per step: (.*)$", result.stdout, re.MULTILINE).group(1).split(", ")
+    assert [item.split()[0] for item in per_step] == [f"{k}/6" for k in range(1, 7)]
+    total = re.search(r"quickstart finished in (\d+) min (\d+) s", result.stdout)
+    assert abs(sum(_seconds(item.split(" ", 1)[1]) for item in per_step)
+               - 60 * int(total.group(1)) - int(total.group(2))) <= 6
+
+
+def _seconds(text: str) -> int:
+    """``"1 min 5 s"`` or ``"5 s"`` -> seconds."""
+    match = re.fullmatch(r"(?:(\d+) min )?(\d+) s", text)
+    return 60 * int(match.group(1) or 0) + int(match.group(2))
 
 
 def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
