@@ -18,7 +18,7 @@ from torch import nn
 from lkm_unet import LKMUNet
 from lkm_unet.ablations import ablation_kwargs
 from lkm_unet.ops.causal_conv1d import conv_backend
-from lkm_unet.ops.selective_scan import available_backends, resolve_backend
+from lkm_unet.ops.selective_scan import ENV_VAR, available_backends, resolve_backend
 from nnunetv2_plugin.finite_guard import (NonFiniteTrainingError, gradients_finite, locate_non_finite,
                                           loss_finite, non_finite_message)
 from nnunetv2_plugin.plans import resolve_architecture, stage_table
@@ -69,8 +69,11 @@ class LKMUNetTrainer(nnUNetTrainer):
             # The numba kernel sets flush-to-zero in its own threads; the torch scan's decaying states drift into the
             # denormal range, which made early CPU training steps 4-5x slower. Set for this process only.
             torch.set_flush_denormal(True)
-            self.print_to_log_file("CPU scan backend is torch (numba not usable): flush-to-zero for denormal "
-                                   "floats is on in this training process")
+            numba_state = available_backends()["numba"]
+            why = (f"numba: {numba_state}" if numba_state != "ok"
+                   else f"{ENV_VAR}={os.environ[ENV_VAR]}" if os.environ.get(ENV_VAR) else "chosen by scan_backend")
+            self.print_to_log_file(f"CPU scan backend is torch ({why}): flush-to-zero for denormal floats is on in "
+                                   "this training process")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

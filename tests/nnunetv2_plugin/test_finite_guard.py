@@ -46,3 +46,24 @@ def test_trainer_stops_with_the_block_name(planned, monkeypatch):
                                                     r"\(encoder.lkm_stages.2.pim\); first non-finite parameter "
                                                     r"encoder.lkm_stages.2.pim.mixer.norm.weight"):
         trainer.train_step({"data": data, "target": target})
+
+
+def test_trainer_on_the_torch_scan_says_why_and_sets_flush_to_zero(planned, monkeypatch):
+    """With the torch scan on the CPU (here asked for by the environment, numba being usable) the trainer turns on
+    flush-to-zero in its process and its log says which backend and why."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(planned["base"] / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(planned["base"] / "results_torch_scan"))
+    monkeypatch.setenv("LKM_UNET_SCAN_BACKEND", "torch")
+    preprocessed = planned["base"] / "preprocessed" / DATASET
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    try:
+        trainer = LKMUNetTrainer(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+        assert torch.tensor(1e-40) == 0  # a denormal float32 reads as zero while the flag is on
+    finally:
+        torch.set_flush_denormal(False)
+    log = open(trainer.log_file).read()
+    assert "selective scan backend on cpu: torch; causal conv1d: torch" in log
+    assert ("CPU scan backend is torch (LKM_UNET_SCAN_BACKEND=torch): flush-to-zero for denormal floats is on in "
+            "this training process") in log
