@@ -1,4 +1,5 @@
-"""Whole training steps on the CPU: LKM-UNet against the same residual backbone without PiM and PaM.
+"""Whole training steps on the CPU: LKM-UNet against the same residual backbone without PiM and PaM (and, with
+``--inference``, one patch's forward pass as nnU-Net predicts it).
 
 Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runnable alone for one case:
 
@@ -6,6 +7,7 @@ Used by ``scripts/benchmark_scan.py --steps`` (which prints the table) and runna
     python scripts/benchmark_step.py demo --profile       # torch.profiler table of one step
     python scripts/benchmark_step.py demo --breakdown     # where PiM and PaM spend their time, by kind of op
     python scripts/benchmark_step.py demo --conv          # the causal conv1d + SiLU, torch against numba
+    python scripts/benchmark_step.py demo --inference     # one patch's forward pass, as nnUNetv2_predict on the CPU
     python scripts/benchmark_step.py paper2d --options none checkpointing both --steps 5
 
 ``--options`` times the LKM-UNet step once per memory option (``scripts/benchmark_memory.py``'s names:
@@ -80,9 +82,9 @@ def architecture(case: str) -> dict:
 NETS = ("ResidualEncoderUNet", "backbone", "LKM-UNet")
 
 
-def build(case: str, net: str, option: Optional[str] = None) -> nn.Module:
+def build(case: str, net: str, option: Optional[str] = None, deep_supervision: bool = True) -> nn.Module:
     """Network ``net`` of :data:`NETS` for ``case``; LKM-UNet with memory option ``option`` of :data:`OPTIONS`
-    (else the defaults)."""
+    (else the defaults). ``deep_supervision=False`` builds what nnU-Net predicts with (one output)."""
     if net not in NETS:
         raise ValueError(f"net={net!r}; valid: {', '.join(NETS)}")
     kwargs = architecture(case)
@@ -91,17 +93,17 @@ def build(case: str, net: str, option: Optional[str] = None) -> nn.Module:
     classes = CASES[case][2]
     torch.manual_seed(0)
     if net == "LKM-UNet":
-        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=True, **kwargs)
+        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=deep_supervision, **kwargs)
     if net == "backbone":
-        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=True, use_pim=False, use_pam=False,
-                       **kwargs)
+        return LKMUNet(input_channels=1, num_classes=classes, deep_supervision=deep_supervision, use_pim=False,
+                       use_pam=False, **kwargs)
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
     from pydoc import locate
 
     backbone = {k: kwargs[k] for k in BACKBONE_KEYS}
     for key in ("conv_op", "norm_op", "nonlin"):
         backbone[key] = locate(backbone[key])
-    return ResidualEncoderUNet(input_channels=1, num_classes=classes, deep_supervision=True, **backbone)
+    return ResidualEncoderUNet(input_channels=1, num_classes=classes, deep_supervision=deep_supervision, **backbone)
 
 
 def make_step(net: nn.Module, case: str):
@@ -149,6 +151,49 @@ def time_steps(case: str, net: str, backend: str, steps: int, option: Optional[s
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "steps": steps,
             "first_s": first, "loss0": loss, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             **({"option": option} if mamba and option is not None else {})}
+
+
+#: the forward passes of ``--inference``: (net, scan backend of LKM-UNet)
+INFERENCE_RUNS = (("ResidualEncoderUNet", "—"), ("backbone", "—"), ("LKM-UNet", "numba"), ("LKM-UNet", "torch"))
+
+
+def time_inference(case: str, repeats: int) -> list[dict]:
+    """One row per :data:`INFERENCE_RUNS` entry: the median wall time of ``repeats`` forward passes of one patch
+    (batch 1) under ``torch.inference_mode``, what ``nnUNetv2_predict -device cpu`` runs per sliding-window tile
+    (deep supervision off, no test-time mirroring). The networks run in turn, round after round, so that a drift
+    of the machine reaches them alike; the first round (``first_s``, with numba's cache load) is not counted."""
+    models = [build(case, net, deep_supervision=False).eval() for net, _ in INFERENCE_RUNS]
+    x = torch.randn(1, 1, *CASES[case][0], generator=torch.Generator().manual_seed(1))
+    times: list[list[float]] = [[] for _ in INFERENCE_RUNS]
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for (net, backend), model, taken in zip(INFERENCE_RUNS, models, times):
+                with scan_backend(backend if net == "LKM-UNet" else "auto"):
+                    start = time.perf_counter()
+                    model(x)
+                    taken.append(time.perf_counter() - start)
+    return [{"case": case, "net": net, "backend": backend, "median_s": statistics.median(taken[1:]),
+             "min_s": min(taken[1:]), "max_s": max(taken[1:]), "steps": repeats, "first_s": taken[0]}
+            for (net, backend), taken in zip(INFERENCE_RUNS, times)]
+
+
+def inference_table(results: list[dict]) -> str:
+    """One row per forward pass timed by :func:`time_inference`, in ms, against the case's backbone and
+    ``ResidualEncoderUNet``."""
+    lines = ["| network | net | scan backend | patch | forward ms (median) | min-max ms | passes | first pass ms "
+             "| x backbone | x ResEnc |", "|---|---|---|---|" + "---:|" * 6]
+    base = {(r["case"], r["net"]): r["median_s"] for r in results}
+
+    def ratio(r: dict, net: str) -> str:
+        other = base.get((r["case"], net))
+        return f" {r['median_s'] / other:.2f}x |" if other else " — |"
+
+    for r in results:
+        patch = " x ".join(map(str, CASES[r["case"]][0]))
+        lines.append(f"| {r['case']} | {r['net']} | {r['backend']} | {patch} | {1e3 * r['median_s']:.0f} | "
+                     f"{1e3 * r['min_s']:.0f}-{1e3 * r['max_s']:.0f} | {r['steps']} | {1e3 * r['first_s']:.0f} |"
+                     + ratio(r, "backbone") + ratio(r, "ResidualEncoderUNet"))
+    return "\n".join(lines)
 
 
 def _profiled_steps(case: str, net: str, backend: str, repeats: int = 1) -> list[torch.profiler.profile]:
@@ -284,6 +329,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="print where one step's time goes, LKM-UNet against its backbone, by kind of op")
     parser.add_argument("--conv", action="store_true",
                         help="time Mamba's causal conv1d + SiLU, torch against numba, at the demo's shapes")
+    parser.add_argument("--inference", action="store_true",
+                        help="time one forward pass of a patch (batch 1, inference mode) instead of training steps; "
+                             "LKM-UNet with the numba and the torch scan")
     parser.add_argument("--options", nargs="+", choices=tuple(OPTIONS),
                         help="time the LKM-UNet step once per memory option (default: the network's defaults)")
     args = parser.parse_args(argv)
@@ -296,6 +344,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.conv:
         print(conv_table())
+        return
+    if args.inference:
+        print(inference_table(time_inference(args.case, args.steps)))
         return
     results = [time_steps(args.case, net, "—", args.steps) for net in NETS[:2]]
     for option in args.options or [None]:

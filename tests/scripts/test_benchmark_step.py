@@ -70,3 +70,29 @@ def test_breakdown_categories_name_the_ops_of_a_mixer():
     for name in ("selective scan", "Mamba causal conv1d + SiLU (numba op)", "Mamba projections (bmm, mm)"):
         assert totals[name] > 0, name
     assert totals["convolutions (oneDNN, forward and backward)"] == 0
+
+
+def test_inference_networks_have_one_output_at_the_patch_size():
+    """What nnU-Net predicts with: deep supervision off, one (1, classes, *patch) map per net."""
+    import torch
+
+    for net in benchmark_step.NETS:
+        model = benchmark_step.build("demo", net, deep_supervision=False).eval()
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 1, 96, 96))
+        assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 96, 96), net
+    pytest.importorskip("numba")
+    rows = benchmark_step.time_inference("demo", repeats=1)
+    assert [(r["net"], r["backend"]) for r in rows] == list(benchmark_step.INFERENCE_RUNS)
+    assert all(r["min_s"] == r["median_s"] == r["max_s"] > 0 and r["steps"] == 1 and r["first_s"] > 0 for r in rows)
+
+
+def test_inference_table_reports_ms_against_the_backbone_and_resenc():
+    row = {"case": "demo", "min_s": 0.1, "max_s": 0.4, "steps": 5, "first_s": 0.5}
+    results = [{**row, "net": "ResidualEncoderUNet", "backend": "—", "median_s": 0.05},
+               {**row, "net": "backbone", "backend": "—", "median_s": 0.1},
+               {**row, "net": "LKM-UNet", "backend": "numba", "median_s": 0.18}]
+    lines = benchmark_step.inference_table(results).splitlines()
+    assert lines[0].startswith("| network | net | scan backend | patch | forward ms (median) |")
+    assert lines[2] == "| demo | ResidualEncoderUNet | — | 96 x 96 | 50 | 100-400 | 5 | 500 | 0.50x | 1.00x |"
+    assert lines[4] == "| demo | LKM-UNet | numba | 96 x 96 | 180 | 100-400 | 5 | 500 | 1.80x | 3.60x |"
