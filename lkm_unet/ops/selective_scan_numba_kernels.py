@@ -9,6 +9,9 @@ stride and a constant trip count, so that one step's exponentials and multiply-a
 vectors with no reduction across lanes (``B`` and ``C`` are the same for every channel: one broadcast
 per state index). ``A`` comes in transposed, ``(n, d)``, the kept states as ``(b, chunks, n, d)``.
 Channels past ``d`` in the last block are padded lanes with ``u = A = 0``: their state stays 0.
+The ``(b, d, l)`` inputs and outputs move to and from time-major ``(chunk, LANES)`` tiles as
+:data:`BLOCK` x :data:`BLOCK` squares (:func:`transpose_block`: whole-vector loads and stores around a
+shuffle network); moved one element at a time, they took a third of the forward's time.
 
 Exponentials: a scalar libm ``exp`` per ``(b, d, l, n)`` element does not vectorise and costs as much as
 the rest of the kernel several times over, so fp32 uses :func:`exp_poly`, a Cody-Waite range reduction
@@ -36,6 +39,9 @@ from numba.extending import intrinsic, overload
 # Measured forward ns per b d l n element, 2 threads, against 16 and 64 lanes: 32 is within 20% of the
 # best at every shape of docs/benchmarks.md, while 64 leaves a core idle at (1, 64, l).
 LANES = 32
+# The side of the squares :func:`transpose_block` moves between (channel, time) rows and time-major tiles:
+# 16 fp32 are one AVX-512 vector (two AVX2 ones); LANES is a multiple of it.
+BLOCK = 16
 # MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6) flags; set only where the CPU has them
 _FTZ_DAZ = 0x8040
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "x86", "i686")
@@ -89,6 +95,53 @@ def restore_fp_mode(typingctx, mode):
             slot = builder.alloca(ir.IntType(32))
             builder.store(args[0], slot)
             _mxcsr(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _butterfly_masks(bit: int) -> tuple[list[int], list[int]]:
+    """Shuffle masks that swap index bit ``bit`` between a pair of rows ``(i, i + bit)`` and their
+    columns: elements ``j`` of the result pick from the first row (``j < BLOCK``) or the second
+    (``BLOCK + j``)."""
+    first = [j if j & bit == 0 else BLOCK + j - bit for j in range(BLOCK)]
+    second = [j + bit if j & bit == 0 else BLOCK + j for j in range(BLOCK)]
+    return first, second
+
+
+@intrinsic
+def transpose_block(typingctx, src, src_start, src_stride, dst, dst_start, dst_stride):
+    """``dst.flat[dst_start + j dst_stride + i] = src.flat[src_start + i src_stride + j]`` for ``i, j <
+    BLOCK``: a square moved across the two layouts, its rows loaded and stored as whole vectors.
+
+    The transpose in between is the butterfly of ``log2(BLOCK)`` stages, each swapping one bit of the row
+    index with the same bit of the column index by ``BLOCK`` two-row shuffles. Both arrays must be
+    C-contiguous, of one dtype; the caller keeps the square inside them (no bounds check).
+    """
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+            and src.layout == "C" and dst.layout == "C"):
+        return None
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        vector = ir.VectorType(context.get_data_type(signature.args[0].dtype), BLOCK)
+
+        def row(array_type, array, start, stride, i):
+            data = context.make_array(array_type)(context, builder, array).data
+            offset = builder.add(start, builder.mul(stride, ir.Constant(stride.type, i)))
+            return builder.bitcast(builder.gep(data, [offset]), vector.as_pointer())
+
+        rows = [builder.load(row(signature.args[0], args[0], args[1], args[2], i), align=1) for i in range(BLOCK)]
+        bit = 1
+        while bit < BLOCK:
+            masks = [ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), m) for m in _butterfly_masks(bit)]
+            for i in range(BLOCK):
+                if i & bit == 0:
+                    pair = rows[i], rows[i + bit]
+                    rows[i], rows[i + bit] = (builder.shuffle_vector(*pair, m) for m in masks)
+            bit *= 2
+        for j in range(BLOCK):
+            builder.store(rows[j], row(signature.args[3], args[3], args[4], args[5], j), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -217,18 +270,28 @@ def _load_block(At, D, bias, d0, width, a_blk, d_blk, bias_blk):
 @njit(inline="always")
 def _gather(src, bi, d0, width, t0, steps, tile):
     """``tile[j, w] = src[bi, d0 + w, t0 + j]``: a chunk of ``width`` channel rows into a time-major tile
-    (lanes past ``width`` keep their zeros). Time-outer order: the tile is written a row at a time while
-    the ``width`` source rows are read one element each; the channel-outer order, which reads each source
-    row contiguously but writes the tile a column at a time, was several times slower."""
-    for j in range(steps):
+    (lanes past ``width`` keep their zeros). A full block moves as :data:`BLOCK` x :data:`BLOCK` squares
+    through :func:`transpose_block`; the steps past the last whole square, and a partial block, move one
+    element at a time."""
+    whole = steps - steps % BLOCK if width == LANES else 0
+    dim, length = src.shape[1], src.shape[2]
+    for j0 in range(0, whole, BLOCK):
+        for w0 in range(0, LANES, BLOCK):
+            transpose_block(src, (bi * dim + d0 + w0) * length + t0 + j0, length, tile, j0 * LANES + w0, LANES)
+    for j in range(whole, steps):
         for w in range(width):
             tile[j, w] = src[bi, d0 + w, t0 + j]
 
 
 @njit(inline="always")
 def _scatter(tile, bi, d0, width, t0, steps, dst):
-    """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``, time-outer likewise."""
-    for j in range(steps):
+    """The inverse of :func:`_gather`: ``dst[bi, d0 + w, t0 + j] = tile[j, w]``, by squares likewise."""
+    whole = steps - steps % BLOCK if width == LANES else 0
+    dim, length = dst.shape[1], dst.shape[2]
+    for j0 in range(0, whole, BLOCK):
+        for w0 in range(0, LANES, BLOCK):
+            transpose_block(tile, j0 * LANES + w0, LANES, dst, (bi * dim + d0 + w0) * length + t0 + j0, length)
+    for j in range(whole, steps):
         for w in range(width):
             dst[bi, d0 + w, t0 + j] = tile[j, w]
 

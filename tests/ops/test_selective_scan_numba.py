@@ -67,6 +67,59 @@ def test_all_threads_give_what_one_thread_gives() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transpose_block_moves_one_square_and_nothing_else(dtype: torch.dtype) -> None:
+    """One square from rows of a (b, d, l) array into a time-major tile and back, at offsets inside both
+    arrays: the tile's square is the transposed rows exactly, every element around it is untouched."""
+    from numba import njit
+
+    from lkm_unet.ops.selective_scan_numba_kernels import BLOCK, LANES, transpose_block
+
+    @njit
+    def move(src, src_start, src_stride, dst, dst_start, dst_stride):
+        transpose_block(src, src_start, src_stride, dst, dst_start, dst_stride)
+
+    src = torch.randn(2, 40, 37, dtype=dtype)
+    tile = torch.full((3 * BLOCK, LANES), -7.0, dtype=dtype)
+    bi, d0, t0, j0, w0 = 1, 5, 19, 17, 16  # unaligned rows, a square in the tile's second half of lanes
+    move(src.numpy(), (bi * 40 + d0) * 37 + t0, 37, tile.numpy(), j0 * LANES + w0, LANES)
+    want = torch.full_like(tile, -7.0)
+    want[j0:j0 + BLOCK, w0:w0 + BLOCK] = src[bi, d0:d0 + BLOCK, t0:t0 + BLOCK].t()
+    assert torch.equal(tile, want)
+    back = torch.zeros_like(src)
+    move(tile.numpy(), j0 * LANES + w0, LANES, back.numpy(), (bi * 40 + d0) * 37 + t0, 37)
+    want_back = torch.zeros_like(src)
+    want_back[bi, d0:d0 + BLOCK, t0:t0 + BLOCK] = src[bi, d0:d0 + BLOCK, t0:t0 + BLOCK]
+    assert torch.equal(back, want_back)
+
+
+@pytest.mark.parametrize("steps", [1, 15, 16, 33, 48])
+@pytest.mark.parametrize("width", [32, 7])
+def test_gather_and_scatter_move_a_chunk_exactly(steps: int, width: int) -> None:
+    """A chunk of ``steps`` steps of ``width`` channel rows into a time-major tile and back: whole squares
+    and the steps after them (full block), or element by element (partial block); lanes past ``width``
+    and steps past ``steps`` keep the tile's zeros, and the scatter writes that chunk only."""
+    from numba import njit
+
+    from lkm_unet.ops.selective_scan_numba_kernels import LANES, _gather, _scatter
+
+    @njit
+    def round_trip(src, bi, d0, width, t0, steps, tile, dst):
+        _gather(src, bi, d0, width, t0, steps, tile)
+        _scatter(tile, bi, d0, width, t0, steps, dst)
+
+    src = torch.randn(2, 45, 60)
+    tile, dst = torch.zeros(48, LANES), torch.zeros_like(src)
+    bi, d0, t0 = 1, 45 - width, 60 - steps
+    round_trip(src.numpy(), bi, d0, width, t0, steps, tile.numpy(), dst.numpy())
+    want = torch.zeros_like(tile)
+    want[:steps, :width] = src[bi, d0:d0 + width, t0:t0 + steps].t()
+    assert torch.equal(tile, want)
+    want_dst = torch.zeros_like(src)
+    want_dst[bi, d0:d0 + width, t0:t0 + steps] = src[bi, d0:d0 + width, t0:t0 + steps]
+    assert torch.equal(dst, want_dst)
+
+
 def test_fp64_without_options_matches_ref() -> None:
     inputs = make_inputs(2, 3, 70, 5, softplus=False)
     for name in OPTIONAL:
