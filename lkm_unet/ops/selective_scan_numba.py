@@ -29,8 +29,10 @@ CHUNK = 32
 
 
 def states_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:
-    """Shape of the chunk-start states :func:`scan_fwd` returns: ``(b, ceil(l / CHUNK), n, d)``."""
-    return (batch, -(-seqlen // CHUNK), dstate, dim)  # integer ceil: sizes may be symbolic
+    """Shape of the chunk-start states :func:`scan_fwd` returns: ``(b, ceil(l / CHUNK) - 1, n, d)`` for
+    ``l >= 1``, the state entering every chunk after the first (the first starts from zero; at ``l <= CHUNK``
+    nothing is kept)."""
+    return (batch, (seqlen - 1) // CHUNK, dstate, dim)  # integer arithmetic: sizes may be symbolic
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:

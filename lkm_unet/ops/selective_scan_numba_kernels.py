@@ -7,7 +7,8 @@ Layout: one parallel job is a batch row and a block of :data:`LANES` channels. T
 ``h: (n, LANES)`` lives in a local array and every innermost loop runs over the channel lanes with unit
 stride and a constant trip count, so that one step's exponentials and multiply-adds are whole SIMD
 vectors with no reduction across lanes (``B`` and ``C`` are the same for every channel: one broadcast
-per state index). ``A`` comes in transposed, ``(n, d)``, the kept states as ``(b, chunks, n, d)``.
+per state index). ``A`` comes in transposed, ``(n, d)``, the kept states as ``(b, chunks - 1, n, d)``: the
+state entering every chunk but the first (which enters with the zero state).
 Channels past ``d`` in the last block are padded lanes with ``u = A = 0``: their state stays 0.
 The ``(b, d, l)`` inputs and outputs move to and from time-major ``(chunk, LANES)`` tiles as
 :data:`BLOCK` x :data:`BLOCK` squares (:func:`transpose_block`: whole-vector loads and stores around a
@@ -298,12 +299,12 @@ def _scatter(tile, bi, d0, width, t0, steps, dst):
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, out, states, chunk, threads):
-    """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c, :, d] = h`` entering chunk ``c``.
+    """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c - 1, :, d] = h`` entering chunk ``c >= 1``.
 
     ``dt = softplus(delta + bias)`` (``apply_softplus``) or ``delta + bias`` is formed per tile, so no
     ``(b, d, l)`` array of it exists. ``delta, u, z, out: (b, d, l)`` (``z`` with a last axis of size 0 when
     there is no gate), ``bias: (d,)``, ``At: (n, d)``,
-    ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, ceil(l / chunk), n, d)`` (size 0 on the chunk axis to
+    ``Bt, Ct: (b, l, n)``, ``D: (d,)``, ``states: (b, ceil(l / chunk) - 1, n, d)`` (size 0 on the chunk axis to
     keep none), ``consts = (0, 1)`` (typed constants: a Python literal would promote fp32
     arithmetic to fp64). Per chunk, the inputs are gathered into time-major ``(chunk, LANES)`` tiles, the
     steps run on the tiles, and the output tile is scattered back. The ``batch * blocks`` jobs run as
@@ -334,8 +335,8 @@ def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, ou
                 _clear(dt_t, u_t, z_t, y_t)
             for t0 in range(0, length, chunk):
                 steps = min(length - t0, chunk)
-                if keep:
-                    states[bi, t0 // chunk, :, d0:d0 + width] = h[:, :width]
+                if keep and t0 > 0:
+                    states[bi, t0 // chunk - 1, :, d0:d0 + width] = h[:, :width]
                 _gather(delta, bi, d0, width, t0, steps, dt_t)
                 _delta_tile(dt_t, bias_blk, steps, apply_softplus)
                 _gather(u, bi, d0, width, t0, steps, u_t)
@@ -377,7 +378,7 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
     """
     batch, dim, length = u.shape
     n = At.shape[0]
-    n_chunks = states.shape[1]
+    n_chunks = (length + chunk - 1) // chunk
     n_blocks = (dim + LANES - 1) // LANES
     gated = z.shape[2] > 0
     zero, one = consts[0], consts[1]
@@ -436,7 +437,10 @@ def scan_bwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, dout, stat
                             dy_t[j, w] = dout_t[j, w] * z_t[j, w] * zs_t[j, w]
                         else:
                             dy_t[j, w] = dout_t[j, w]
-                hist[0, :, :width] = states[bi, c, :, d0:d0 + width]
+                if c > 0:
+                    hist[0, :, :width] = states[bi, c - 1, :, d0:d0 + width]
+                else:
+                    hist[0] = zero
                 for j in range(steps):  # recompute the chunk's decays, states and pre-gate output
                     t = t0 + j
                     for w in range(LANES):

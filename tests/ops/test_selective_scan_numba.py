@@ -146,12 +146,26 @@ def test_gradcheck_fp64(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.autograd.gradcheck(lambda *a: numba_backend(*a, delta_softplus=softplus), args)
 
 
-def test_states_are_chunk_starts() -> None:
-    inputs = {k: v.float() for k, v in make_inputs(2, 3, 130, 4).items()}
+@pytest.mark.parametrize("length", [130, 32, 1])
+def test_states_are_the_states_entering_each_chunk_after_the_first(length: int) -> None:
+    """The forward keeps h entering chunks 1, 2, ... (chunk 0 starts from zero, so it is not kept): at
+    l = 130 the states after steps 32, 64, 96 and 128 of an fp64 recurrence, within fp32 tolerance; at
+    l <= CHUNK = 32 none."""
+    inputs = {k: v.float() for k, v in make_inputs(2, 3, length, 4).items()}
     out, states = numba_scan.scan_fwd(*(inputs[k] for k in NAMES), True)
-    assert states.shape == numba_scan.states_shape(2, 3, 130, 4) == (2, 5, 4, 3)
-    assert states.dtype == torch.float32 and bool((states[:, 0] == 0).all())
-    assert bool((states[:, 1:].abs() > 0).any())
+    chunks = (length - 1) // numba_scan.CHUNK
+    assert states.shape == numba_scan.states_shape(2, 3, length, 4) == (2, chunks, 4, 3)
+    assert states.dtype == torch.float32
+    x = {k: v.double() for k, v in inputs.items()}
+    dt = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])  # (b, d, l)
+    h = torch.zeros(2, 3, 4, dtype=torch.float64)  # (b, d, n)
+    want = []
+    for t in range(length):
+        if t > 0 and t % numba_scan.CHUNK == 0:
+            want.append(h.transpose(1, 2))  # kept as (b, n, d)
+        h = torch.exp(dt[..., t, None] * x["A"]) * h + (dt[..., t] * x["u"][..., t])[..., None] * x["B"][:, None, :, t]
+    if chunks:
+        torch.testing.assert_close(states.double(), torch.stack(want, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_long_sequence_matches_torch_backend() -> None:
