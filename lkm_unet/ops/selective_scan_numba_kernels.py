@@ -299,6 +299,25 @@ def _scatter(tile, bi, d0, width, t0, steps, dst):
             dst[bi, d0 + w, t0 + j] = tile[j, w]
 
 
+@njit(parallel=True, cache=True)
+def swap_last_axes(src, dst):
+    """``dst[b, j, i] = src[b, i, j]`` for C-contiguous ``src: (b, r, c)`` and ``dst: (b, c, r)``: ``B`` and
+    ``C`` into the kernels' ``(b, l, n)`` layout and ``dB``, ``dC`` back, as :data:`BLOCK` x :data:`BLOCK`
+    squares (:func:`transpose_block`), with the rows and columns past the last whole square one element
+    at a time. Parallel over (batch row, band of :data:`BLOCK` source rows, column square)."""
+    batch, rows, cols = src.shape
+    bands, squares = (rows + BLOCK - 1) // BLOCK, (cols + BLOCK - 1) // BLOCK
+    for job in prange(batch * bands * squares):
+        bi, rest = job // (bands * squares), job % (bands * squares)
+        i0, j0 = (rest // squares) * BLOCK, (rest % squares) * BLOCK
+        if i0 + BLOCK <= rows and j0 + BLOCK <= cols:
+            transpose_block(src, (bi * rows + i0) * cols + j0, cols, dst, (bi * cols + j0) * rows + i0, rows)
+        else:
+            for i in range(i0, min(i0 + BLOCK, rows)):
+                for j in range(j0, min(j0 + BLOCK, cols)):
+                    dst[bi, j, i] = src[bi, i, j]
+
+
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def scan_fwd_kernel(delta, bias, apply_softplus, u, z, At, Bt, Ct, D, consts, out, states, chunk, threads):
     """``out = (<C_t, h_t> + D u_t) silu(z_t)`` and ``states[b, c - 1, :, d] = h`` entering chunk ``c >= 1``.

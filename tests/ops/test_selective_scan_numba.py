@@ -93,6 +93,27 @@ def test_transpose_block_moves_one_square_and_nothing_else(dtype: torch.dtype) -
     assert torch.equal(back, want_back)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 16, 1600), (3, 37, 21), (1, 5, 3), (2, 1600, 16)])
+def test_swap_last_axes_equals_torch_transpose(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """B and C into the kernels' layout and dB, dC back: whole squares and the rows and columns after
+    them (sizes not multiples of 16) give exactly ``x.transpose(1, 2)``, contiguous."""
+    x = torch.randn(*shape, dtype=dtype)
+    got = numba_scan._swap_last_axes(x)
+    assert got.is_contiguous() and torch.equal(got, x.transpose(1, 2))
+
+
+def test_gradients_of_B_and_C_come_back_contiguous() -> None:
+    """dB and dC leave the backward as contiguous (b, n, l) tensors, so autograd keeps them as they are
+    instead of copying a transposed view into B's and C's layout."""
+    inputs = {k: v.float() for k, v in make_inputs(2, 40, 70, 16).items()}
+    args = [inputs[k] for k in NAMES]
+    out, states = numba_scan.scan_fwd(*args, True)
+    grads = dict(zip(NAMES, numba_scan.scan_bwd(torch.ones_like(out), *args, True, states)))
+    for name in ("B", "C"):
+        assert grads[name].shape == (2, 16, 70) and grads[name].is_contiguous(), name
+
+
 @pytest.mark.parametrize("steps", [1, 15, 16, 33, 48])
 @pytest.mark.parametrize("width", [32, 7])
 def test_gather_and_scatter_move_a_chunk_exactly(steps: int, width: int) -> None:
