@@ -84,10 +84,15 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, pre_gate)
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
     ctx.present = tuple(x is not None for x in (u, delta, A, B, C, D, z, delta_bias))
+    # states and pre_gate are internal outputs that nothing differentiates: without this, autograd would
+    # allocate and zero-fill a tensor of each one's size for every backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, dout: Tensor, _dstates: Optional[Tensor], _dpre_gate: Optional[Tensor]) -> tuple:
     u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
+    if dout is None:  # the output itself was not used (only possible through the internal outputs)
+        dout = torch.zeros_like(u)
     grads = scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states, pre_gate,
                      ctx.backend)
     out = [g if present and need else None for g, present, need in zip(grads, ctx.present, ctx.needs_input_grad)]

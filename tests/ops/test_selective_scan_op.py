@@ -117,3 +117,20 @@ def test_every_option_combination_traces() -> None:
         fn = torch.compile(lambda *a: lkm_unet.selective_scan(*a, delta_softplus=softplus), fullgraph=True,
                            backend="aot_eager")
         torch.testing.assert_close(fn(*args), lkm_unet.selective_scan(*args, delta_softplus=softplus))
+
+
+def test_backward_allocates_no_zero_gradient_for_the_internal_outputs() -> None:
+    """The kept states and pre-gate output are outputs of the forward op that nothing differentiates:
+    the backward gets None for them instead of zero tensors of their size (a zero-filled copy of the
+    states per backward, as large as the output at short sequences)."""
+    from lkm_unet.ops import selective_scan
+
+    inputs = {k: (v.float().requires_grad_() if v is not None else None) for k, v in make_inputs(2, 8, 40, 4).items()}
+    args = [inputs[k] for k in NAMES]
+    _, states, _ = torch.ops.lkm_unet.selective_scan_fwd(*(a.detach() for a in args), True, "torch")
+    y = selective_scan(*args[:6], z=args[6], delta_bias=args[7], delta_softplus=True, backend="torch")
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y.backward(torch.ones_like(y))
+    zero_fills = [e for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")
+                  and any(list(s) == list(states.shape) for s in e.input_shapes if s)]
+    assert zero_fills == [], [e.name for e in zero_fills]
