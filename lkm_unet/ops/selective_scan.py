@@ -35,8 +35,8 @@ ENV_VAR = "LKM_UNET_SCAN_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "numba", "torch", "ref")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("numba", "torch")}
 
-__all__ = ["BACKENDS", "CUDA_INSTALL_HINT", "ENV_VAR", "available_backends", "resolve_backend", "scan_backend",
-           "selective_scan"]
+__all__ = ["BACKENDS", "CUDA_INSTALL_HINT", "ENV_VAR", "available_backends", "check_shapes", "resolve_backend",
+           "scan_backend", "selective_scan"]
 
 _context_backend: Optional[str] = None
 _warned: set[str] = set()
@@ -131,6 +131,24 @@ def resolve_constant(backend: str, device_type: str) -> str:
 resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+def check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+    """A ValueError naming the argument whose shape the scan cannot take, and the shape it needs."""
+    if u.dim() != 3 or u.shape[2] == 0:
+        raise ValueError(f"selective_scan: u must be (b, d, l) with l >= 1; got shape {tuple(u.shape)}")
+    b, d, l = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"selective_scan: A must be (d, n) with d = {d} (u is {tuple(u.shape)}); "
+                         f"got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    wanted = {"delta": (delta, (b, d, l)), "B": (B, (b, n, l)), "C": (C, (b, n, l)), "D": (D, (d,)),
+              "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
+    for name, (x, shape) in wanted.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must be {shape} (b, d, l = {b}, {d}, {l} from u, n = {n} "
+                             f"from A); got shape {tuple(x.shape)}")
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -153,6 +171,7 @@ def selective_scan(
     if torch.compiler.is_compiling():
         name = resolve_constant(backend, u.device.type)
     else:
+        check_shapes(u, delta, A, B, C, D, z, delta_bias)
         name = resolve_backend(backend, u.device)
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

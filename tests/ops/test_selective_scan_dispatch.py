@@ -202,3 +202,36 @@ def test_import_lkm_unet_imports_neither_triton_nor_dynamo() -> None:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "ref"])
+def test_wrong_shapes_name_the_argument_and_the_shape_it_needs(backend: str) -> None:
+    """Every backend gets the same check before it runs: the argument at fault, the shape it needs (from u
+    and A) and the shape it got; an empty sequence is refused instead of failing inside a kernel."""
+    b, d, l, n = 2, 4, 6, 3
+    good = {"u": torch.randn(b, d, l), "delta": torch.rand(b, d, l), "A": -torch.rand(d, n),
+            "B": torch.randn(b, n, l), "C": torch.randn(b, n, l), "D": torch.randn(d), "z": torch.randn(b, d, l),
+            "delta_bias": torch.randn(d)}
+
+    def call(**changed: torch.Tensor) -> torch.Tensor:
+        x = {**good, **changed}
+        return selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], z=x["z"],
+                              delta_bias=x["delta_bias"], backend=backend)
+
+    assert call().shape == (b, d, l)
+    cases = {
+        "u": (torch.randn(b, d), "u must be (b, d, l) with l >= 1; got shape (2, 4)"),
+        "A": (torch.randn(d + 1, n), "A must be (d, n) with d = 4 (u is (2, 4, 6)); got shape (5, 3)"),
+        "B": (torch.randn(b, l, n), "B must be (2, 3, 6) (b, d, l = 2, 4, 6 from u, n = 3 from A); got shape (2, 6, 3)"),
+        "delta": (torch.rand(b, d, l + 1), "delta must be (2, 4, 6) (b, d, l = 2, 4, 6 from u, n = 3 from A); "
+                                           "got shape (2, 4, 7)"),
+        "delta_bias": (torch.randn(d, 1), "delta_bias must be (4,) (b, d, l = 2, 4, 6 from u, n = 3 from A); "
+                                          "got shape (4, 1)"),
+    }
+    for name, (bad, message) in cases.items():
+        with pytest.raises(ValueError) as err:
+            call(**{name: bad})
+        assert str(err.value) == f"selective_scan: {message}", name
+    empty = {k: v[..., :0] if v.dim() == 3 else v for k, v in good.items()}
+    with pytest.raises(ValueError, match=r"^selective_scan: u must be \(b, d, l\) with l >= 1; got shape \(2, 4, 0\)$"):
+        call(**empty)
