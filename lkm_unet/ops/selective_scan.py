@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lkm_unet.ops import selective_scan_backends as backends
-from lkm_unet.ops.selective_scan_backends import CUDA_INSTALL_HINT
+from lkm_unet.ops.selective_scan_backends import CUDA_INSTALL_HINT, check_shapes
 from lkm_unet.ops.selective_scan_op import selective_scan_op
 from lkm_unet.ops.selective_scan_ref import selective_scan_ref
 
@@ -129,24 +129,6 @@ def resolve_constant(backend: str, device_type: str) -> str:
 # What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (which imports
 # triton) when lkm_unet is imported; tests/ops/test_selective_scan_op.py fails if torch stops honouring it.
 resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
-def check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
-    """A ValueError naming the argument whose shape the scan cannot take, and the shape it needs."""
-    if u.dim() != 3 or u.shape[2] == 0:
-        raise ValueError(f"selective_scan: u must be (b, d, l) with l >= 1; got shape {tuple(u.shape)}")
-    b, d, l = u.shape
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"selective_scan: A must be (d, n) with d = {d} (u is {tuple(u.shape)}); "
-                         f"got shape {tuple(A.shape)}")
-    n = A.shape[1]
-    wanted = {"delta": (delta, (b, d, l)), "B": (B, (b, n, l)), "C": (C, (b, n, l)), "D": (D, (d,)),
-              "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
-    for name, (x, shape) in wanted.items():
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"selective_scan: {name} must be {shape} (b, d, l = {b}, {d}, {l} from u, n = {n} "
-                             f"from A); got shape {tuple(x.shape)}")
 
 
 def selective_scan(

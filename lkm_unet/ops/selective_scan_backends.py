@@ -187,3 +187,23 @@ def report(name: str) -> str:
     if reason == "ok" or name not in INSTALL_HINTS or "not installed" not in reason and name != "cuda":
         return reason
     return f"{reason}: {INSTALL_HINTS[name]}"
+
+
+def check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+    """A ValueError naming the argument whose shape the scan cannot take, and the shape it needs: the
+    contract every backend shares (:func:`lkm_unet.ops.selective_scan` checks it before any backend runs;
+    the triton launches, which the AOT compiler builds without it, check it again)."""
+    if u.dim() != 3 or u.shape[2] == 0:
+        raise ValueError(f"selective_scan: u must be (b, d, l) with l >= 1; got shape {tuple(u.shape)}")
+    b, d, l = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"selective_scan: A must be (d, n) with d = {d} (u is {tuple(u.shape)}); "
+                         f"got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    wanted = {"delta": (delta, (b, d, l)), "B": (B, (b, n, l)), "C": (C, (b, n, l)), "D": (D, (d,)),
+              "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
+    for name, (x, shape) in wanted.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must be {shape} (b, d, l = {b}, {d}, {l} from u, n = {n} "
+                             f"from A); got shape {tuple(x.shape)}")

@@ -117,11 +117,13 @@ def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
              op["consts"]),
         CHUNK, *_np(du, ddt, dz, dA, dD, ddelta_bias, dB, dC), numba.get_num_threads())
 
+    def summed(partial: Tensor) -> Tensor:
+        return partial[0] if len(partial) == 1 else partial.sum(0)
+
     def reduced(partial: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
-        return None if like is None else (partial[0] if len(partial) == 1 else partial.sum(0)).to(like.dtype)
+        return None if like is None else summed(partial).to(like.dtype)
 
-    def reduced_bc(partial: Tensor, like: Tensor) -> Tensor:  # contiguous (b, n, l), as B and C usually are
-        return _swap_last_axes(partial[0] if len(partial) == 1 else partial.sum(0)).to(like.dtype)
-
-    return (du.to(u.dtype), ddt.to(delta.dtype), reduced(dA, A).t(), reduced_bc(dB, B), reduced_bc(dC, C),
-            reduced(dD, D), None if z is None else dz.to(z.dtype), reduced(ddelta_bias, delta_bias))
+    # dB, dC back as contiguous (b, n, l), as B and C usually are; swapped in the compute dtype (numba's)
+    dB, dC = (_swap_last_axes(summed(partial)).to(like.dtype) for partial, like in ((dB, B), (dC, C)))
+    return (du.to(u.dtype), ddt.to(delta.dtype), reduced(dA, A).t(), dB, dC, reduced(dD, D),
+            None if z is None else dz.to(z.dtype), reduced(ddelta_bias, delta_bias))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lkm_unet.ops import selective_scan_triton_kernels as kernels
+from lkm_unet.ops.selective_scan_backends import check_shapes
 
 TARGET_PROGRAMS = 512  # a GPU runs ~100-150 programs at once; a few waves hide the sequential chunk loop
 MAX_BLOCK_D = 32
@@ -65,13 +66,9 @@ def _flags(D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor
             "SOFTPLUS": bool(softplus)}
 
 
-def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
-    b, d, l = u.shape
-    n = A.shape[1]
-    if delta.shape != u.shape or A.shape != (d, n) or B.shape != (b, n, l) or C.shape != (b, n, l):
-        raise ValueError(f"selective_scan (triton): expected u, delta (b, d, l), A (d, n), B, C (b, n, l); got "
-                         f"u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
-                         f"C {tuple(C.shape)}")
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+           delta_bias: Optional[Tensor]) -> None:
+    check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if A.is_complex():
         raise TypeError("selective_scan (triton): complex A is not supported (LKM-UNet's Mamba uses real A)")
 
@@ -102,7 +99,7 @@ def fwd_launch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     ``scan_fwd`` runs it; :mod:`lkm_unet.ops.selective_scan_triton_aot` compiles the same launch for a GPU
     target without one. ``buffers``: ``out`` (b, d, l) and ``states`` (b, d, n_chunks, n).
     """
-    _check(u, delta, A, B, C)
+    _check(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C, D, z, delta_bias = (_c(x) for x in (u, delta, A, B, C, D, z, delta_bias))
     batch, dim, length = u.shape
     dstate = A.shape[1]
@@ -127,7 +124,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 def bwd_launch(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, states: Tensor) -> Launch:
     """The backward kernel's launch (see :func:`fwd_launch`) with its gradients and partial sums allocated."""
-    _check(u, delta, A, B, C)
+    _check(u, delta, A, B, C, D, z, delta_bias)
     dout, u, delta, A, B, C, D, z, delta_bias = (_c(x) for x in (dout, u, delta, A, B, C, D, z, delta_bias))
     batch, dim, length = u.shape
     dstate = A.shape[1]
